@@ -1,0 +1,230 @@
+"""crossattn-sd: generate images and see where each word of the prompt went.
+
+Subcommands: generate, compare, serve, train-tiny, eval-tiny, presets. Run `crossattn-sd SUBCOMMAND --help`.
+A thin argparse layer over the same functions the web UI calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+from .config import EMBEDDED_PRESET
+
+
+def _add_generation_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("prompt", help="the text prompt (quote it)")
+    p.add_argument("--out", required=True, type=Path, help="output folder (created if needed)")
+    p.add_argument("--model", default=None, help="preset name (see `crossattn-sd presets`), local Diffusers "
+                   "folder, or Hub id; default: the embedded shapes-world model")
+    p.add_argument("--negative-prompt", default=None, help="negative prompt (used when guidance > 1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model preset's)")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: preset's)")
+    p.add_argument("--height", type=int, default=None, help="image height in pixels (default: preset's)")
+    p.add_argument("--width", type=int, default=None, help="image width in pixels (default: preset's)")
+    p.add_argument("--scheduler", default="default", help="scheduler: default, dpm++, euler, euler-a, ddim, unipc, pndm")
+    p.add_argument("--mode", default="exact", choices=("exact", "explicit"),
+                   help="capture mode: exact (images identical to Diffusers) or explicit (probs @ V)")
+    p.add_argument("--processor", default="capture", choices=("default", "capture", "reweight", "edit"),
+                   help="attention processor on the cross-attention layers")
+    p.add_argument("--weights", default="", help="reweight: word:weight pairs, e.g. 'circle:2.0, red:0.5'")
+    p.add_argument("--edit-prompt", default=None, help="edit: the edited prompt (same seed, source maps injected)")
+    p.add_argument("--inject", type=float, default=0.8, help="edit: fraction of steps that use the source's maps")
+    p.add_argument("--layers", default="*", help="comma-separated glob patterns of cross-attention layers, "
+                   "e.g. 'up_blocks.*'")
+    p.add_argument("--per-step", action="store_true", help="also keep per-step maps (timelines, step ranges)")
+    p.add_argument("--word", action="append", default=None, metavar="W",
+                   help="write overlays for this word only (repeatable); default: every word")
+    p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity, 0..1")
+    p.add_argument("--cmap", default="jet", help="matplotlib colour map for overlays")
+    p.add_argument("--device", default=None, help="cuda, mps or cpu (default: best available)")
+    p.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"),
+                   help="model dtype (default: float16 on CUDA for real checkpoints, else float32)")
+    p.add_argument("--offload", action="store_true", help="model CPU offload via accelerate (saves GPU memory)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    parser = argparse.ArgumentParser(prog="crossattn-sd", description=__doc__, formatter_class=fmt)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate an image and write image.png, maps.npz, meta.json, overlays",
+                         description="Generate an image and write image.png (settings in its PNG text chunk), "
+                         "maps.npz (one float32 (H, W) map per word), meta.json, attention.safetensors and "
+                         "overlay-<word>.png per word.", formatter_class=fmt)
+    _add_generation_args(gen)
+
+    cmp = sub.add_parser("compare", help="two processors, same prompt and seed: both images and their difference",
+                         description="Generate the same prompt and seed with two processors (A: --processor-a, "
+                         "B: the generation flags) and write a/, b/, compare.png and difference.png.",
+                         formatter_class=fmt)
+    _add_generation_args(cmp)
+    cmp.add_argument("--processor-a", default="default", choices=("default", "capture"),
+                     help="the baseline processor A")
+
+    serve = sub.add_parser("serve", help="run the web UI", formatter_class=fmt)
+    serve.add_argument("--host", default="127.0.0.1", help="interface to listen on")
+    serve.add_argument("--port", type=int, default=7860, help="port")
+    serve.add_argument("--model", default=EMBEDDED_PRESET.name, help="model preset name from configs/")
+    serve.add_argument("--share", action="store_true", help="create a public Gradio share link")
+    serve.add_argument("--auth", default=None, help="user:password required to use the UI")
+    serve.add_argument("--outputs", default="outputs", help="save every generation here ('' to disable)")
+    serve.add_argument("--allow-any-model", action="store_true",
+                       help="let --model be any local folder or Hub id, not only a preset")
+
+    train = sub.add_parser("train-tiny", help="train the embedded shapes-world model", add_help=False)
+    train.add_argument("args", nargs=argparse.REMAINDER, help="see `crossattn-sd train-tiny --help`")
+    ev = sub.add_parser("eval-tiny", help="evaluate the embedded model on held-out captions", add_help=False)
+    ev.add_argument("args", nargs=argparse.REMAINDER, help="see `crossattn-sd eval-tiny --help`")
+    sub.add_parser("presets", help="list the model presets in configs/", formatter_class=fmt)
+    return parser
+
+
+def _spec(args):
+    from .steering import ProcessorSpec, parse_weights
+
+    return ProcessorSpec(args.processor, mode=args.mode, weights=parse_weights(args.weights),
+                         edit_prompt=args.edit_prompt, inject=args.inject, layers=args.layers)
+
+
+def _progress(quiet: bool):
+    if quiet:
+        return None, None
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=None, desc="denoising", unit="step", file=sys.stderr)
+
+    def update(step: int, total: int):
+        bar.total = total
+        bar.n = step
+        bar.refresh()
+
+    return update, bar
+
+
+def safe_name(word: str) -> str:
+    """A word as a file-name part (letters, digits, - and _)."""
+    return re.sub(r"[^\w\-]+", "_", word).strip("_") or "word"
+
+
+def write_outputs(result, out: Path, words=None, alpha: float = 0.5, cmap: str = "jet") -> list[Path]:
+    """Save the result and one overlay-<word>.png per chosen word; returns the overlay paths."""
+    from .overlay import blend
+
+    result.save(out)
+    if not result.store.sums:
+        return []
+    chosen = words or list(dict.fromkeys(w.lower() for w in result.words))
+    paths = []
+    for word in chosen:
+        path = out / f"overlay-{safe_name(word)}.png"
+        blend(result.images[0], result.heatmap(word), alpha, cmap).save(path)
+        paths.append(path)
+    return paths
+
+
+def _run_generate(args, spec=None):
+    from .pipeline import generate, load_pipeline
+
+    pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype, offload=args.offload)
+    progress, bar = _progress(args.quiet)
+    try:
+        result = generate(pipe, args.prompt, negative_prompt=args.negative_prompt, seed=args.seed,
+                          steps=args.steps, guidance_scale=args.guidance, height=args.height, width=args.width,
+                          scheduler=None if args.scheduler == "default" else args.scheduler,
+                          per_step=args.per_step, processor=spec or _spec(args), progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    return pipe, result
+
+
+def cmd_generate(args) -> int:
+    _, result = _run_generate(args)
+    if args.word:
+        for w in args.word:  # validate before writing anything
+            result.alignments[0].indices_of(w)
+    overlays = write_outputs(result, args.out, args.word, args.alpha, args.cmap)
+    print(f"wrote {args.out}/image.png, maps.npz, meta.json, attention.safetensors and {len(overlays)} overlay(s)")
+    if result.dropped_words:
+        print(f"note: the tokenizer's length limit dropped: {' '.join(result.dropped_words)}", file=sys.stderr)
+    return 0
+
+
+def cmd_compare(args) -> int:
+    import numpy as np
+    from PIL import Image
+
+    from .overlay import captioned
+    from .steering import ProcessorSpec
+
+    spec_b = _spec(args)
+    spec_a = ProcessorSpec(args.processor_a, mode=args.mode)
+    _, res_a = _run_generate(args, spec_a)
+    _, res_b = _run_generate(args, spec_b)
+    write_outputs(res_a, args.out / "a", args.word, args.alpha, args.cmap)
+    write_outputs(res_b, args.out / "b", args.word, args.alpha, args.cmap)
+    a = np.asarray(res_a.images[0], dtype=np.int16)
+    b = np.asarray(res_b.images[0], dtype=np.int16)
+    diff = np.abs(a - b).max(axis=-1)
+    scale = 255.0 / max(1, diff.max())
+    diff_img = Image.fromarray((diff * scale).astype(np.uint8)).convert("RGB")
+    diff_img.save(args.out / "difference.png")
+    tiles = [captioned(res_a.images[0], f"A: {spec_a.name}", 3), captioned(res_b.images[0], f"B: {spec_b.name}", 3),
+             captioned(diff_img, f"|A-B| (max {int(diff.max())})", 3)]
+    sheet = Image.new("RGB", (sum(t.width for t in tiles), tiles[0].height), "white")
+    x = 0
+    for t in tiles:
+        sheet.paste(t, (x, 0))
+        x += t.width
+    sheet.save(args.out / "compare.png")
+    summary = {"a": spec_a.to_dict(), "b": spec_b.to_dict(), "max_abs_pixel_difference": int(diff.max()),
+               "mean_abs_pixel_difference": float(np.abs(a - b).mean())}
+    (args.out / "compare.json").write_text(json.dumps(summary, indent=2))
+    print(f"wrote {args.out}/compare.png (max pixel difference {int(diff.max())})")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from .ui import serve
+
+    return serve(host=args.host, port=args.port, model=args.model, share=args.share, auth=args.auth,
+                 outputs=args.outputs or None, allow_any_model=args.allow_any_model)
+
+
+def cmd_presets(args) -> int:
+    from .config import load_presets
+
+    for name, preset in load_presets().items():
+        print(f"{name:14s} {preset.source:48s} {preset.description}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "train-tiny":
+        from .tiny.train import main as train_main
+
+        return train_main(argv[1:])
+    if argv and argv[0] == "eval-tiny":
+        from .tiny.evaluate import main as eval_main
+
+        return eval_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    commands = {"generate": cmd_generate, "compare": cmd_compare, "serve": cmd_serve, "presets": cmd_presets}
+    try:
+        return commands[args.command](args)
+    except (ValueError, FileNotFoundError, PermissionError, OSError) as err:
+        print(f"crossattn-sd: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

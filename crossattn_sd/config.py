@@ -1,0 +1,103 @@
+"""Typed settings: model presets (from `configs/*.yaml`) and generation defaults.
+
+YAML files only fill in these dataclasses; an unknown key is an error, so a typo never passes silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+EMBEDDED_MODEL_DIR = PACKAGE_DIR / "tiny" / "weights"
+# configs/ ships next to the package in a checkout; installed copies read the package's own.
+CONFIG_DIRS = (PACKAGE_DIR.parent / "configs", PACKAGE_DIR / "configs")
+EMBEDDED = "embedded"
+
+
+@dataclass(frozen=True)
+class ModelPreset:
+    """A model the app and CLI know by name.
+
+    Args:
+        name: the preset's name, as given to `--model`.
+        source: "embedded" (the model shipped in the package), a local folder, or a Hub id.
+        family: "sd" (SD 1.x / 2.x) or "sdxl"; chooses the Diffusers pipeline class.
+        steps, guidance, height, width: generation defaults for this model.
+        max_side: the largest height or width the UI offers (the model's training size bounds it).
+        scheduler: default scheduler name (see `pipeline.SCHEDULERS`); None keeps the model's own.
+        examples: example prompts shown in the UI.
+        description: one line for `--help` and the UI.
+    """
+
+    name: str
+    source: str
+    family: str = "sd"
+    steps: int = 30
+    guidance: float = 7.5
+    height: int = 512
+    width: int = 512
+    max_side: int = 1024
+    scheduler: str | None = None
+    examples: tuple[str, ...] = ()
+    description: str = ""
+
+    def __post_init__(self):
+        if self.family not in ("sd", "sdxl"):
+            raise ValueError(f"preset {self.name!r}: family must be 'sd' or 'sdxl', got {self.family!r}")
+
+
+EMBEDDED_PRESET = ModelPreset(
+    name="tiny", source=EMBEDDED, steps=20, guidance=2.0, height=64, width=64, max_side=128,
+    examples=("a red circle on the left and a blue square on the right",),
+    description="the embedded 64x64 shapes-world model (offline, CPU)",
+)
+
+
+def from_dict(cls, data: dict, where: str = "config"):
+    """Build dataclass `cls` from `data`, refusing unknown keys."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(names))}")
+    data = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+    return cls(**data)
+
+
+def load_presets() -> dict[str, ModelPreset]:
+    """All presets from `configs/*.yaml` (one preset per file, named by the file), plus the embedded one."""
+    import yaml
+
+    presets = {EMBEDDED_PRESET.name: EMBEDDED_PRESET}
+    for folder in CONFIG_DIRS:
+        if not folder.is_dir():
+            continue
+        for path in sorted(folder.glob("*.yaml")):
+            data = yaml.safe_load(path.read_text()) or {}
+            data.setdefault("name", path.stem)
+            presets[data["name"]] = from_dict(ModelPreset, data, where=str(path))
+        break
+    return presets
+
+
+def get_preset(name: str) -> ModelPreset:
+    presets = load_presets()
+    if name not in presets:
+        raise ValueError(f"unknown model preset {name!r}; known presets: {', '.join(presets)}")
+    return presets[name]
+
+
+@dataclass
+class GenerationDefaults:
+    """Defaults `generate` uses for arguments left as None."""
+
+    steps: int = 30
+    guidance: float = 7.5
+    height: int | None = None  # None: the UNet's sample_size times the VAE factor
+    width: int | None = None
+    examples: tuple[str, ...] = field(default_factory=tuple)
+
+    @classmethod
+    def from_preset(cls, preset: ModelPreset) -> "GenerationDefaults":
+        return cls(preset.steps, preset.guidance, preset.height, preset.width, preset.examples)

@@ -1,0 +1,278 @@
+"""Loading pipelines (embedded default, presets, local folders, Hub ids) and `generate(...)`.
+
+`generate` is the one function the CLI, the web UI and the Python API share: it validates its input, runs a
+Diffusers pipeline inside `capture()` (or a steering processor), and returns a `GenerationResult` that owns
+the images, the prompt's word alignment and the recorded maps.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from .config import EMBEDDED, EMBEDDED_MODEL_DIR, EMBEDDED_PRESET, GenerationDefaults, load_presets
+from .maps import DEFAULT_MAX_STEP_BYTES
+from .processors import MODES
+from .result import GenerationResult
+from .tokens import align_prompt
+
+# Scheduler names offered by the CLI and UI -> Diffusers class name (created from the model's own config).
+SCHEDULERS = {
+    "default": None,
+    "dpm++": "DPMSolverMultistepScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler-a": "EulerAncestralDiscreteScheduler",
+    "ddim": "DDIMScheduler",
+    "unipc": "UniPCMultistepScheduler",
+    "pndm": "PNDMScheduler",
+}
+
+
+class GenerationCancelled(RuntimeError):
+    """Raised by `generate` when its `cancel` event was set; the pipeline's processors are restored."""
+
+
+def default_device() -> str:
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def _looks_like_path(model: str) -> bool:
+    return model.startswith((".", "/", "~")) or "\\" in model or model.count("/") > 1 or Path(model).exists()
+
+
+def load_pipeline(model: str | None = None, *, device: str | None = None, dtype: torch.dtype | str | None = None,
+                  offload: bool = False, allow_hub: bool = True):
+    """Load a Diffusers text-to-image pipeline ready for `generate`.
+
+    Args:
+        model (`str`, *optional*): `None` or "embedded" for the embedded shapes-world model; a preset name from
+            `configs/` (e.g. "sd15"); a local folder in Diffusers layout; or a Hugging Face Hub id.
+        device (`str`, *optional*): "cuda", "mps" or "cpu"; default: the best available.
+        dtype (`torch.dtype` or `str`, *optional*): default float16 on CUDA for real checkpoints, else float32.
+        offload (`bool`): use accelerate's model CPU offload (CUDA only) to save GPU memory.
+        allow_hub (`bool`): whether Hub ids may be loaded (the web UI turns this off unless allowed).
+
+    Returns:
+        A `DiffusionPipeline` with a `crossattn_defaults` attribute (steps, guidance, size for this model).
+    """
+    from diffusers import DiffusionPipeline
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.disable_progress_bar()  # component-loading bars are noise in a CLI and a server log
+    presets = load_presets()
+    preset = None
+    name = EMBEDDED if model is None else str(model)
+    if name in presets:
+        preset = presets[name]
+        name = preset.source
+    elif name == EMBEDDED:
+        preset = EMBEDDED_PRESET
+    if name == EMBEDDED:
+        source = EMBEDDED_MODEL_DIR
+        if not (source / "model_index.json").is_file():
+            raise FileNotFoundError(
+                f"the embedded model is missing from this install ({source}); reinstall crossattn-sd, or train it "
+                "with `crossattn-sd train-tiny --out runs/tiny` and copy runs/tiny/pipeline there"
+            )
+    elif _looks_like_path(name):
+        source = Path(name).expanduser()
+        if not source.exists():
+            raise FileNotFoundError(f"model folder {str(source)!r} does not exist; pass an existing folder "
+                                    "in Diffusers layout (with model_index.json), a preset name or a Hub id")
+        if not (source / "model_index.json").is_file():
+            raise FileNotFoundError(f"{str(source)!r} has no model_index.json; it is not a Diffusers pipeline "
+                                    "folder (save one with pipe.save_pretrained(folder))")
+    else:
+        if not allow_hub:
+            raise PermissionError(f"loading Hub id {name!r} is not allowed here; start the server with "
+                                  "--allow-any-model to allow it, or pick a preset")
+        source = name
+
+    device = device or default_device()
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    if dtype is None:
+        dtype = torch.float16 if device == "cuda" and name != EMBEDDED else torch.float32
+    try:
+        pipe = DiffusionPipeline.from_pretrained(source, torch_dtype=dtype)
+    except OSError as err:
+        if isinstance(source, str):
+            raise OSError(
+                f"could not load {source!r} from the Hugging Face Hub: it is not in the local cache and the Hub "
+                f"could not be reached ({type(err).__name__}). On a machine with network run `hf download "
+                f"{source}` (or load it once), then work offline with HF_HUB_OFFLINE=1; or pass a local folder."
+            ) from err
+        raise
+    if not hasattr(pipe, "unet"):
+        raise ValueError(f"{name!r} is a {type(pipe).__name__}, which has no UNet; crossattn-sd supports UNet "
+                         "text-to-image pipelines (SD 1.x, 2.x, SDXL)")
+    if offload:
+        pipe.enable_model_cpu_offload()
+    else:
+        pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.crossattn_defaults = GenerationDefaults.from_preset(preset) if preset else GenerationDefaults()
+    pipe.crossattn_source = "embedded" if name == EMBEDDED else str(source)
+    return pipe
+
+
+def size_multiple(pipe) -> int:
+    """Height and width must be multiples of this: the VAE factor, and 8 (Diffusers' pipelines check it)."""
+    factor = int(getattr(pipe, "vae_scale_factor", 8))
+    return factor * 8 // math.gcd(factor, 8)
+
+
+def _make_scheduler(pipe, name: str | None):
+    if name is None or SCHEDULERS.get(name) is None:
+        if name is not None and name not in SCHEDULERS:
+            raise ValueError(f"unknown scheduler {name!r}; use one of {', '.join(SCHEDULERS)}")
+        return None
+    import diffusers
+
+    return getattr(diffusers, SCHEDULERS[name]).from_config(pipe.scheduler.config)
+
+
+def _check_int(name: str, value, low: int, high: int | None = None, hint: str = "") -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    value = int(value)
+    if value < low or (high is not None and value > high):
+        rng = f">= {low}" if high is None else f"between {low} and {high}"
+        raise ValueError(f"{name}={value} is out of range; use a value {rng}{hint}")
+    return value
+
+
+def generate(
+    pipe,
+    prompt: str | Sequence[str],
+    *,
+    negative_prompt: str | Sequence[str] | None = None,
+    seed: int = 0,
+    steps: int | None = None,
+    guidance_scale: float | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    mode: str = "exact",
+    per_step: bool = False,
+    num_images_per_prompt: int = 1,
+    scheduler: str | None = None,
+    layers: str | Sequence[str] = "*",
+    keep_heads: bool = False,
+    max_step_bytes: int = DEFAULT_MAX_STEP_BYTES,
+    processor=None,
+    progress: Callable[[int, int], None] | None = None,
+    cancel: threading.Event | None = None,
+) -> GenerationResult:
+    """Generate images and record every word's cross-attention maps.
+
+    Args:
+        pipe: a Diffusers Stable Diffusion (or SDXL) pipeline, e.g. from `load_pipeline()`.
+        prompt (`str` or list of `str`): the prompt(s); an empty prompt is allowed (it has no words).
+        negative_prompt (`str` or list, *optional*): what to steer away from (only with guidance > 1).
+        seed (`int`): seed of the initial noise (drawn on the CPU, so it is the same image on any device).
+        steps (`int`, *optional*): denoising steps; default from the model's preset.
+        guidance_scale (`float`, *optional*): classifier-free guidance; <= 1 turns it off.
+        height, width (`int`, *optional*): image size, multiples of `size_multiple(pipe)`.
+        mode (`str`): "exact" (images bit-identical to Diffusers' default processor) or "explicit".
+        per_step (`bool`): also keep per-step maps (timestep ranges, timelines).
+        num_images_per_prompt (`int`): images per prompt.
+        scheduler (`str`, *optional*): one of `SCHEDULERS`; default keeps the pipeline's own.
+        layers (`str` or list): glob patterns of the cross-attention layers to record.
+        keep_heads (`bool`): also keep per-head maps.
+        max_step_bytes (`int`): memory budget for per-step maps.
+        processor (`ProcessorSpec`, *optional*): a steering processor (see `steering.py`); default: capture.
+        progress (callable, *optional*): called as `progress(step, total)` after each denoising step.
+        cancel (`threading.Event`, *optional*): set it to stop; `GenerationCancelled` is raised.
+
+    Returns:
+        `GenerationResult`
+    """
+    from .steering import ProcessorSpec, use_processor
+
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError("prompt must be a string or a non-empty list of strings")
+    if negative_prompt is not None and not isinstance(negative_prompt, str):
+        negative_prompt = list(negative_prompt)
+        if len(negative_prompt) != len(prompts):
+            raise ValueError(f"got {len(negative_prompt)} negative prompts for {len(prompts)} prompts; give one "
+                             "per prompt, or a single string")
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
+    defaults = getattr(pipe, "crossattn_defaults", None) or GenerationDefaults()
+    factor = int(getattr(pipe, "vae_scale_factor", 8))
+    native = int(pipe.unet.config.sample_size) * factor
+    steps = _check_int("steps", defaults.steps if steps is None else steps, 1, 1000)
+    seed = _check_int("seed", seed, 0, 2**63 - 1)
+    num_images_per_prompt = _check_int("num_images_per_prompt", num_images_per_prompt, 1, 64)
+    guidance_scale = float(defaults.guidance if guidance_scale is None else guidance_scale)
+    if not math.isfinite(guidance_scale) or not 0 <= guidance_scale <= 100:
+        raise ValueError(f"guidance_scale={guidance_scale} is out of range; use a value between 0 and 100")
+    multiple = size_multiple(pipe)
+    hint = f" that is a multiple of {multiple}"
+    height = _check_int("height", height or defaults.height or native, multiple, 8192, hint)
+    width = _check_int("width", width or defaults.width or native, multiple, 8192, hint)
+    for name, value in (("height", height), ("width", width)):
+        if value % multiple:
+            lo = value // multiple * multiple
+            raise ValueError(f"{name}={value} is not a multiple of {multiple} (the VAE factor and the pipeline "
+                             f"require it); use {max(lo, multiple)} or {lo + multiple}")
+    spec = processor if processor is not None else ProcessorSpec("capture", mode=mode)
+    new_scheduler = _make_scheduler(pipe, scheduler)
+
+    alignments = [align_prompt(pipe.tokenizer, p) for p in spec.result_prompts(prompts)]
+    alignments = [a for a in alignments for _ in range(num_images_per_prompt)]  # one per image
+
+    def on_step_end(p, i, t, callback_kwargs):
+        if progress is not None:
+            progress(i + 1, steps)
+        if cancel is not None and cancel.is_set():
+            p._interrupt = True
+        return callback_kwargs
+
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    latents = None
+    if spec.name == "edit":  # source and edit start from the same noise a plain call would draw
+        from diffusers.utils.torch_utils import randn_tensor
+
+        shape = (1, pipe.unet.config.in_channels, height // factor, width // factor)
+        latents = randn_tensor(shape, generator=generator, device=torch.device("cpu"), dtype=pipe.unet.dtype)
+        latents = latents.repeat(2, 1, 1, 1)
+    call_prompts, call_negative = spec.batch_prompts(prompts, negative_prompt)
+    old_scheduler = pipe.scheduler
+    try:
+        if new_scheduler is not None:
+            pipe.scheduler = new_scheduler
+        with use_processor(pipe, spec, prompts=prompts, steps=steps, per_step=per_step, keep_heads=keep_heads,
+                           max_step_bytes=max_step_bytes, layers=layers,
+                           num_images_per_prompt=num_images_per_prompt) as store:
+            out = pipe(
+                prompt=call_prompts, negative_prompt=call_negative, num_inference_steps=steps,
+                guidance_scale=guidance_scale, height=height, width=width,
+                num_images_per_prompt=num_images_per_prompt, generator=generator, latents=latents,
+                callback_on_step_end=on_step_end,
+            )
+    finally:
+        pipe.scheduler = old_scheduler
+    if cancel is not None and cancel.is_set():
+        raise GenerationCancelled("generation was cancelled")
+    images = spec.select_images(list(out.images), len(prompts), num_images_per_prompt)
+    store = spec.select_maps(store)
+    settings = dict(
+        prompt=prompts[0] if isinstance(prompt, str) else prompts,
+        edit_source_prompt=prompts[0] if spec.name == "edit" else None,
+        negative_prompt=negative_prompt, seed=seed, steps=steps, guidance_scale=guidance_scale,
+        height=height, width=width, mode=spec.mode, per_step=per_step,
+        num_images_per_prompt=num_images_per_prompt, scheduler=scheduler or "default",
+        scheduler_class=type(new_scheduler or old_scheduler).__name__, layers=layers, keep_heads=keep_heads,
+        processor=spec.to_dict(), model=getattr(pipe, "crossattn_source", None) or pipe.config.get("_name_or_path"),
+    )
+    return GenerationResult(images=images, alignments=alignments, store=store, settings=settings)

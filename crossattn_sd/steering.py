@@ -1,0 +1,229 @@
+"""The processor registry: `default`, `capture`, `reweight` and `edit`, each installable on all cross-attention
+layers or a subset, from Python, the CLI and the UI.
+
+- default: Diffusers' own processors, untouched (the baseline; records nothing).
+- capture: records maps (`exact` or `explicit` mode, see `processors.py`).
+- reweight: scales the attention given to chosen words, prompt-to-prompt's re-weighting: the probabilities'
+  columns of those words' tokens are multiplied by the weight (not renormalised) before they weight the values.
+  All weights 1.0 reproduce `capture` in explicit mode exactly; weight 0 removes a word's column.
+- edit: prompt-to-prompt editing. The source prompt and the edited prompt are generated together from the
+  same noise; for the first `inject` fraction of the steps the edit's cross-attention probabilities are replaced
+  by the source's (word swap when both prompts have as many tokens, refinement by token alignment otherwise:
+  words only in the edit keep their own attention). Identical prompts reproduce the plain image.
+
+Every steering processor records the probabilities it actually used, so maps show where words landed after
+steering. Per-call state (weights, token mapping) lives in the processor objects made for that call.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .maps import DEFAULT_MAX_STEP_BYTES, MapStore
+from .processors import MODES, CaptureProcessor, capture, cross_attention_layers, guidance_probe, install
+from .tokens import PromptTokens, align_prompt
+
+PROCESSORS = ("default", "capture", "reweight", "edit")
+
+
+def parse_weights(text: str) -> tuple[tuple[str, float], ...]:
+    """Parse "circle:2.0, red:0.5" into (("circle", 2.0), ("red", 0.5))."""
+    out = []
+    for item in filter(None, (p.strip() for p in re.split(r"[,;]", text or ""))):
+        word, sep, value = item.rpartition(":")
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = None
+        if not sep or not word.strip() or weight is None:
+            raise ValueError(f"bad weight {item!r}; write word:weight pairs such as 'circle:2.0, red:0.5'")
+        if not -10 <= weight <= 10:
+            raise ValueError(f"weight {weight} for {word.strip()!r} is out of range; use -10..10")
+        out.append((word.strip(), weight))
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class ProcessorSpec:
+    """Which processor to use and its options.
+
+    Args:
+        name: "default", "capture", "reweight" or "edit".
+        mode: "exact" or "explicit" (capture only; steering processors compute probs @ V explicitly).
+        weights: reweight: (word, weight) pairs; parse a "word:weight, ..." string with `parse_weights`.
+        edit_prompt: edit: the edited prompt.
+        inject: edit: fraction of the denoising steps that take the source's cross-attention maps (0..1).
+        layers: glob patterns (comma-separated) of the cross-attention layers the processor goes on; other
+            layers keep Diffusers' processor and record nothing.
+    """
+
+    name: str = "capture"
+    mode: str = "exact"
+    weights: tuple[tuple[str, float], ...] = ()
+    edit_prompt: str | None = None
+    inject: float = 0.8
+    layers: str = "*"
+
+    def __post_init__(self):
+        if self.name not in PROCESSORS:
+            raise ValueError(f"unknown processor {self.name!r}; use one of {', '.join(PROCESSORS)}")
+        if self.mode not in MODES:
+            raise ValueError(f"unknown mode {self.mode!r}; use one of {', '.join(MODES)}")
+        if self.name in ("reweight", "edit") and self.mode != "explicit":
+            object.__setattr__(self, "mode", "explicit")  # steering changes the probabilities: explicit math
+        if self.name == "reweight" and not self.weights:
+            raise ValueError("the reweight processor needs weights, e.g. 'circle:2.0, red:0.5'")
+        if self.name == "edit":
+            if not isinstance(self.edit_prompt, str) or not self.edit_prompt.strip():
+                raise ValueError("the edit processor needs an edit prompt (the prompt with the words changed)")
+            if not 0.0 <= float(self.inject) <= 1.0:
+                raise ValueError(f"inject={self.inject} is out of range; use a fraction of the steps in 0..1")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ProcessorSpec":
+        data = dict(data)
+        data["weights"] = tuple(tuple(w) for w in data.get("weights", ()))
+        return cls(**data)
+
+    @property
+    def layer_patterns(self) -> list[str]:
+        return [p.strip() for p in self.layers.split(",") if p.strip()] or ["*"]
+
+    # How a processor reshapes the pipeline call: edit runs [source, edit] as one batch, shows the edit.
+
+    def batch_prompts(self, prompts: list[str], negative: str | list[str] | None):
+        """The (prompt, negative_prompt) the pipeline is called with."""
+        if self.name != "edit":
+            return prompts, negative
+        if isinstance(negative, list):
+            negative = negative[0]
+        return [prompts[0], self.edit_prompt], None if negative is None else [negative, negative]
+
+    def result_prompts(self, prompts: list[str]) -> list[str]:
+        return [self.edit_prompt] if self.name == "edit" else prompts
+
+    def select_images(self, images: list, num_prompts: int, per_prompt: int) -> list:
+        return images[1:] if self.name == "edit" else images
+
+    def select_maps(self, store: MapStore) -> MapStore:
+        return store.select_images(slice(1, 2)) if self.name == "edit" and store.sums else store
+
+
+class ReweightProcessor(CaptureProcessor):
+    """Scales chosen tokens' attention columns in the conditional images (prompt-to-prompt re-weighting)."""
+
+    def __init__(self, store: MapStore, layer: str, token_weights: torch.Tensor):
+        super().__init__(store, layer, mode="explicit")
+        self.token_weights = token_weights  # (images, T): 1.0 leaves a token alone
+
+    def steer(self, attention_probs, batch_size, heads):
+        rec = self.store.conditional(batch_size)
+        w = self.token_weights.to(attention_probs.device, attention_probs.dtype)
+        w = w.repeat_interleave(heads, dim=0)[:, None, :]  # (images * heads, 1, T)
+        rows = slice(rec.start * heads, rec.stop * heads)
+        attention_probs = attention_probs.clone()
+        attention_probs[rows] = attention_probs[rows] * w
+        return attention_probs
+
+
+class EditProcessor(CaptureProcessor):
+    """Injects the source image's cross-attention into the edited image for the first `inject_calls` steps."""
+
+    def __init__(self, store: MapStore, layer: str, token_map: torch.Tensor, inject_calls: int):
+        super().__init__(store, layer, mode="explicit")
+        self.token_map = token_map  # (T,): edit token j takes source column token_map[j], or keeps its own if -1
+        self.inject_calls = inject_calls
+
+    def steer(self, attention_probs, batch_size, heads):
+        if self.store.num_steps - 1 >= self.inject_calls:
+            return attention_probs
+        rec = self.store.conditional(batch_size)  # [source, edit] conditional images
+        src = attention_probs[rec.start * heads: (rec.start + 1) * heads]
+        edit_rows = slice((rec.start + 1) * heads, (rec.start + 2) * heads)
+        edit = attention_probs[edit_rows]
+        keep = self.token_map < 0
+        injected = src[:, :, self.token_map.clamp(min=0)]
+        injected[:, :, keep] = edit[:, :, keep]
+        attention_probs = attention_probs.clone()
+        attention_probs[edit_rows] = injected
+        return attention_probs
+
+
+def token_weights(alignment: PromptTokens, weights: Sequence[tuple[str, float]]) -> torch.Tensor:
+    """A (T,) vector of 1.0 with each named word's tokens set to its weight (unknown words raise ValueError)."""
+    w = torch.ones(len(alignment.tokens))
+    for word, weight in weights:
+        w[alignment.indices_of(word)] = float(weight)
+    return w
+
+
+def edit_token_map(source: PromptTokens, edit: PromptTokens) -> torch.Tensor:
+    """For each edit token, the source token whose attention it takes (-1: keep its own).
+
+    Equal token counts: a word swap, position to position. Otherwise a refinement: tokens are aligned by
+    content (difflib), start/end/padding map to their counterparts, and tokens only in the edit keep their own.
+    """
+    n = len(edit.tokens)
+    if len(source.tokens) != n:
+        raise ValueError("source and edit prompts must be tokenized to the same length")
+    src_content = [i for w in source.words for i in w.token_indices]
+    edit_content = [i for w in edit.words for i in w.token_indices]
+    if len(src_content) == len(edit_content):
+        return torch.arange(n)
+    mapping = torch.full((n,), -1, dtype=torch.long)
+    matcher = difflib.SequenceMatcher(a=[source.tokens[i] for i in src_content],
+                                      b=[edit.tokens[i] for i in edit_content], autojunk=False)
+    for block in matcher.get_matching_blocks():
+        for k in range(block.size):
+            mapping[edit_content[block.b + k]] = src_content[block.a + k]
+    for kind in ("start", "end", "pad"):
+        s_idx, e_idx = source.special_indices.get(kind, ()), edit.special_indices.get(kind, ())
+        for k, j in enumerate(e_idx):
+            if s_idx:
+                mapping[j] = s_idx[min(k, len(s_idx) - 1)]
+    return mapping
+
+
+@contextmanager
+def use_processor(pipe, spec: ProcessorSpec, *, prompts: list[str], steps: int, per_step: bool = False,
+                  keep_heads: bool = False, max_step_bytes: int = DEFAULT_MAX_STEP_BYTES, layers="*",
+                  num_images_per_prompt: int = 1) -> Iterator[MapStore]:
+    """Install `spec`'s processor on `pipe` for one call; yields the call's `MapStore`."""
+    patterns = spec.layer_patterns if spec.layers != "*" else ([layers] if isinstance(layers, str) else list(layers))
+    if spec.name == "default":
+        yield MapStore()
+        return
+    if spec.name == "capture":
+        with capture(pipe, spec.mode, patterns, per_step=per_step, keep_heads=keep_heads,
+                     max_step_bytes=max_step_bytes) as store:
+            yield store
+        return
+    store = MapStore(per_step=per_step, keep_heads=keep_heads, max_step_bytes=max_step_bytes,
+                     cfg=guidance_probe(pipe))
+    tokenizer = pipe.tokenizer
+    if spec.name == "reweight":
+        per_image = [token_weights(align_prompt(tokenizer, p), spec.weights) for p in prompts
+                     for _ in range(num_images_per_prompt)]
+        weights = torch.stack(per_image)
+        factory = lambda s, layer: ReweightProcessor(s, layer, weights)  # noqa: E731
+    else:
+        if len(prompts) != 1 or num_images_per_prompt != 1:
+            raise ValueError("the edit processor takes one source prompt and makes one image; got "
+                             f"{len(prompts)} prompt(s) x {num_images_per_prompt} image(s)")
+        mapping = edit_token_map(align_prompt(tokenizer, prompts[0]), align_prompt(tokenizer, spec.edit_prompt))
+        inject_calls = round(float(spec.inject) * steps)
+        factory = lambda s, layer: EditProcessor(s, layer, mapping, inject_calls)  # noqa: E731
+    with install(pipe.unet, store, factory, patterns):
+        yield store
+
+
+__all__ = ["PROCESSORS", "ProcessorSpec", "parse_weights", "use_processor", "cross_attention_layers"]

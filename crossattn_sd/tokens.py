@@ -1,0 +1,126 @@
+"""Prompt -> tokens -> words.
+
+Cross-attention maps are indexed by token position in the text encoder's input. People think in words, so
+this module aligns the two: a word split into several sub-tokens is merged, punctuation tokens belong to no
+word, start/end/padding tokens are kept apart, and a prompt longer than the tokenizer's limit is truncated
+exactly the way Diffusers' pipelines truncate it (`padding="max_length", truncation=True`), with a report of
+which words fell off the end.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+# A word is a run of letters/digits, optionally joined by an apostrophe or hyphen ("don't", "close-up").
+_WORD_RE = re.compile(r"[^\W_]+(?:['\-][^\W_]+)*")
+
+
+@dataclass(frozen=True)
+class Word:
+    """One prompt word and the token positions (in the padded text-encoder input) that spell it."""
+
+    text: str
+    token_indices: tuple[int, ...]
+    start: int  # character span in the prompt
+    end: int
+
+
+@dataclass(frozen=True)
+class PromptTokens:
+    """The alignment of one prompt: its words, its tokens, and what truncation removed."""
+
+    prompt: str
+    tokens: tuple[str, ...]  # the padded token strings the text encoder sees (length = max_length)
+    words: tuple[Word, ...]  # words fully kept, in prompt order
+    dropped_words: tuple[str, ...]  # words cut (wholly or partly) by the tokenizer's length limit
+    special_indices: dict[str, tuple[int, ...]] = field(default_factory=dict)  # "start", "end", "pad"
+
+    @property
+    def word_texts(self) -> list[str]:
+        return [w.text for w in self.words]
+
+    def indices_of(self, word: str, occurrence: int | None = None) -> list[int]:
+        """Token positions of `word` (case-insensitive); all occurrences unless `occurrence` (0-based) picks one.
+
+        Also accepts "<start>" / "<end>" for the special tokens.
+        """
+        key = word.strip().lower()
+        if key in ("<start>", "<sot>", "<bos>"):
+            return list(self.special_indices.get("start", ()))
+        if key in ("<end>", "<eot>", "<eos>"):
+            return list(self.special_indices.get("end", ()))
+        matches = [w for w in self.words if w.text.lower() == key]
+        if not matches:
+            dropped = f" ('{word}' was cut off by the tokenizer's length limit)" if key in (
+                d.lower() for d in self.dropped_words) else ""
+            raise ValueError(
+                f"word '{word}' is not in the prompt{dropped}; the prompt's words are: "
+                f"{', '.join(repr(w) for w in self.word_texts) or '(none)'}"
+            )
+        if occurrence is not None:
+            if not 0 <= occurrence < len(matches):
+                raise ValueError(
+                    f"occurrence={occurrence} is out of range: '{word}' occurs {len(matches)} time(s); "
+                    f"use 0..{len(matches) - 1}"
+                )
+            matches = [matches[occurrence]]
+        return [i for w in matches for i in w.token_indices]
+
+
+def align_prompt(tokenizer, prompt: str, max_length: int | None = None) -> PromptTokens:
+    """Tokenize `prompt` as Diffusers does and align tokens to the prompt's words.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer with a fast backend (offset mapping), e.g. `CLIPTokenizer`.
+        prompt (`str`): the prompt; may be empty.
+        max_length (`int`, *optional*): defaults to `tokenizer.model_max_length`, as in Diffusers.
+    """
+    if not isinstance(prompt, str):
+        raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
+    max_length = max_length or tokenizer.model_max_length
+    enc = tokenizer(prompt, padding="max_length", max_length=max_length, truncation=True,
+                    return_offsets_mapping=True)
+    ids = list(enc["input_ids"])
+    offsets = [tuple(o) for o in enc["offset_mapping"]]
+    tokens = tuple(tokenizer.convert_ids_to_tokens(ids))
+
+    specials = set(tokenizer.all_special_ids)
+    start_ids = {tokenizer.bos_token_id} if tokenizer.bos_token_id is not None else set()
+    # The first end token closes the prompt; later copies of it (CLIP pads with the end token) are padding.
+    special_indices: dict[str, list[int]] = {"start": [], "end": [], "pad": []}
+    seen_end = False
+    content: list[int] = []
+    for i, tid in enumerate(ids):
+        if tid in specials and offsets[i] == (0, 0):
+            if i == 0 and tid in start_ids:
+                special_indices["start"].append(i)
+            elif not seen_end:
+                special_indices["end"].append(i)
+                seen_end = True
+            else:
+                special_indices["pad"].append(i)
+        else:
+            content.append(i)
+
+    spans = [(m.start(), m.end(), m.group(0)) for m in _WORD_RE.finditer(prompt)]
+    word_tokens: list[list[int]] = [[] for _ in spans]
+    for i in content:
+        t0, t1 = offsets[i]
+        for w, (s, e, _) in enumerate(spans):
+            if t0 < e and s < t1:  # overlap: this token spells (part of) word w
+                word_tokens[w].append(i)
+                break
+
+    # Which characters did the kept tokens cover? A word is dropped unless all of it was tokenized.
+    covered_until = max((offsets[i][1] for i in content), default=0)
+    words, dropped = [], []
+    for (s, e, text), idx in zip(spans, word_tokens):
+        if idx and e <= covered_until:
+            words.append(Word(text, tuple(idx), s, e))
+        else:
+            dropped.append(text)
+    return PromptTokens(
+        prompt=prompt, tokens=tokens, words=tuple(words), dropped_words=tuple(dropped),
+        special_indices={k: tuple(v) for k, v in special_indices.items()},
+    )

@@ -1,0 +1,78 @@
+"""Shared fixtures: seeded tiny random-weight Stable Diffusion pipelines, built offline (as Diffusers' tests do)."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import pytest
+import torch
+
+torch.set_num_threads(1)  # CI has 2 cores; other jobs may share them
+
+# A closed vocabulary: single characters (so any word can be spelled) plus merges that make a few words one
+# token. "circle" and "yellow" are left to split into several sub-tokens on purpose.
+WHOLE_WORDS = ["a", "red", "blue", "green", "square", "on", "the", "left", "right", "and", "cat"]
+
+
+def tiny_tokenizer(max_length: int = 16):
+    from transformers import CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in "abcdefghijklmnopqrstuvwxyz0123456789,.!?'-":
+        vocab.setdefault(c, len(vocab))
+        vocab.setdefault(c + "</w>", len(vocab))
+    merges = []
+    for word in WHOLE_WORDS:  # left-to-right merges: "r e" -> "re", "re d</w>" -> "red</w>"
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(pieces) > 1:
+            a, b = pieces[0], pieces[1]
+            if (a, b) not in merges:
+                merges.append((a, b))
+            vocab.setdefault(a + b, len(vocab))
+            pieces = [a + b] + pieces[2:]
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length, unk_token="<|endoftext|>",
+                         bos_token="<|startoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+
+
+def tiny_sd_pipeline(seed: int = 0, max_length: int = 16):
+    """A seeded random StableDiffusionPipeline: UNet with cross-attention at two resolutions, VAE factor 2."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = tiny_tokenizer(max_length)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16, attention_head_dim=4, norm_num_groups=4,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16), norm_num_groups=4,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=max_length, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+    ))
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    pipe = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture
+def sd_pipe():
+    return tiny_sd_pipeline()
+
+
+@pytest.fixture
+def sd_pipe_dir(tmp_path_factory):
+    """The tiny pipeline saved to a folder, for loading paths and the CLI."""
+    path = tmp_path_factory.mktemp("tiny-sd")
+    tiny_sd_pipeline().save_pretrained(path)
+    return path
