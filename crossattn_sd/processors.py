@@ -188,8 +188,8 @@ def install(unet, store: MapStore, factory: ProcessorFactory, layers: str | Iter
     def on_unet_call(module, args, kwargs):
         sample = args[0] if args else kwargs["sample"]
         timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
-        if isinstance(timestep, torch.Tensor):
-            timestep = timestep.flatten()[0].item() if timestep.numel() else None
+        if isinstance(timestep, torch.Tensor):  # meta tensors (shape-only UNets) have no value to read
+            timestep = timestep.flatten()[0].item() if timestep.numel() and not timestep.is_meta else None
         store.begin_call(tuple(sample.shape[-2:]), timestep)
 
     hook = unet.register_forward_pre_hook(on_unet_call, with_kwargs=True)
