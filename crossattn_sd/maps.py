@@ -180,6 +180,9 @@ class MapStore:
         if not self.has_steps:
             why = "were dropped at max_step_bytes" if self.steps_dropped else "were not kept"
             raise ValueError(f"per-step maps {why}; generate with per_step=True (and enough max_step_bytes)")
+        bad = [s for s in steps if not 0 <= s < len(self.steps)]
+        if bad:
+            raise ValueError(f"steps {bad} are out of range; this run has steps 0..{self.num_steps - 1}")
         picked = [self.steps[s][layer] for s in steps if layer in self.steps[s]]
         if not picked:
             raise ValueError(f"steps {list(steps)} select nothing; this run has steps 0..{self.num_steps - 1}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import threading
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from .config import EMBEDDED, EMBEDDED_MODEL_DIR, EMBEDDED_PRESET, GenerationDef
 from .maps import DEFAULT_MAX_STEP_BYTES
 from .processors import MODES
 from .result import GenerationResult
-from .tokens import align_prompt
+from .tokens import align_prompt, misaligned_words
 
 # Scheduler names offered by the CLI and UI -> Diffusers class name (created from the model's own config).
 SCHEDULERS = {
@@ -65,8 +66,10 @@ def load_pipeline(model: str | None = None, *, device: str | None = None, dtype:
     """
     from diffusers import DiffusionPipeline
     from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
 
     diffusers_logging.disable_progress_bar()  # component-loading bars are noise in a CLI and a server log
+    transformers_logging.disable_progress_bar()  # (transformers draws its own "Loading weights" bar)
     presets = load_presets()
     preset = None
     name = EMBEDDED if model is None else str(model)
@@ -91,7 +94,7 @@ def load_pipeline(model: str | None = None, *, device: str | None = None, dtype:
             raise FileNotFoundError(f"{str(source)!r} has no model_index.json; it is not a Diffusers pipeline "
                                     "folder (save one with pipe.save_pretrained(folder))")
     else:
-        if not allow_hub:
+        if not allow_hub and preset is None:  # presets are vetted; other Hub ids need permission
             raise PermissionError(f"loading Hub id {name!r} is not allowed here; start the server with "
                                   "--allow-any-model to allow it, or pick a preset")
         source = name
@@ -102,7 +105,7 @@ def load_pipeline(model: str | None = None, *, device: str | None = None, dtype:
     if dtype is None:
         dtype = torch.float16 if device == "cuda" and name != EMBEDDED else torch.float32
     try:
-        pipe = DiffusionPipeline.from_pretrained(source, torch_dtype=dtype)
+        pipe = DiffusionPipeline.from_pretrained(source, dtype=dtype)  # `torch_dtype` is deprecated in 0.42
     except OSError as err:
         if isinstance(source, str):
             raise OSError(
@@ -218,8 +221,8 @@ def generate(
         raise ValueError(f"guidance_scale={guidance_scale} is out of range; use a value between 0 and 100")
     multiple = size_multiple(pipe)
     hint = f" that is a multiple of {multiple}"
-    height = _check_int("height", height or defaults.height or native, multiple, 8192, hint)
-    width = _check_int("width", width or defaults.width or native, multiple, 8192, hint)
+    height = _check_int("height", (defaults.height or native) if height is None else height, multiple, 8192, hint)
+    width = _check_int("width", (defaults.width or native) if width is None else width, multiple, 8192, hint)
     for name, value in (("height", height), ("width", width)):
         if value % multiple:
             lo = value // multiple * multiple
@@ -229,6 +232,13 @@ def generate(
     new_scheduler = _make_scheduler(pipe, scheduler)
 
     alignments = [align_prompt(pipe.tokenizer, p) for p in spec.result_prompts(prompts)]
+    if getattr(pipe, "tokenizer_2", None) is not None:  # SDXL: maps are keyed by the first tokenizer's positions
+        for a in alignments:
+            moved = misaligned_words(a, align_prompt(pipe.tokenizer_2, a.prompt))
+            if moved:
+                warnings.warn(f"SDXL's two tokenizers put {', '.join(map(repr, moved))} at different positions in "
+                              f"{a.prompt!r}, so those words' maps mix neighbouring tokens; runs of '!' cause this "
+                              "(write '!' once)", RuntimeWarning, stacklevel=2)
     alignments = [a for a in alignments for _ in range(num_images_per_prompt)]  # one per image
 
     def on_step_end(p, i, t, callback_kwargs):

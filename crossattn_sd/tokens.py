@@ -124,3 +124,14 @@ def align_prompt(tokenizer, prompt: str, max_length: int | None = None) -> Promp
         prompt=prompt, tokens=tokens, words=tuple(words), dropped_words=tuple(dropped),
         special_indices={k: tuple(v) for k, v in special_indices.items()},
     )
+
+
+def misaligned_words(first: PromptTokens, second: PromptTokens) -> list[str]:
+    """Words of `first` that `second` (the same prompt, another tokenizer) places at other token positions.
+
+    SDXL joins its two text encoders' states position by position, so a word's map is its own only where both
+    tokenizers put it at the same positions. They share CLIP's vocabulary, but SDXL's second tokenizer pads with
+    "!" and so splits every "!" off: "wow!!!" is two tokens in the first and four in the second.
+    """
+    positions = {(w.start, w.end): w.token_indices for w in second.words}
+    return [w.text for w in first.words if positions.get((w.start, w.end)) != w.token_indices]

@@ -1,0 +1,174 @@
+"""The embedded model's components, with Stable Diffusion's structure at toy size.
+
+- tokenizer: a CLIPTokenizer whose closed vocabulary makes every caption word one token,
+  so a word's attention map is one token's map;
+- text encoder: a small *bidirectional* BertModel. CLIP's text encoder is causal, so a
+  colour word cannot see the shape and position words after it and its cross-attention
+  map smears over its whole clause; a bidirectional encoder lets each word's embedding
+  say which object it belongs to. StableDiffusionPipeline only needs ``text_encoder(ids)[0]``
+  to be the hidden states, which BertModel satisfies;
+- UNet: UNet2DConditionModel on 16 x 16 x 4 latents with cross-attention at 16 x 16, 8 x 8
+  and (mid block) 4 x 4;
+- VAE: AutoencoderKL with a down factor of 4 (64 x 64 RGB <-> 16 x 16 x 4);
+- schedulers: DDPM (scaled-linear betas, v-prediction) for training and a DPM-Solver++
+  config with the same betas for 20-step sampling.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from diffusers import (AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler,
+                       StableDiffusionPipeline, UNet2DConditionModel)
+from transformers import BertConfig, BertModel, CLIPTokenizer
+
+from .world import COLOURS, POSITIONS, SHAPES
+
+MAX_LENGTH = 20  # longest caption: 13 words + BOS + EOS = 15
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+CAPTION_WORDS = ("a", "on", "the", "and") + tuple(COLOURS) + SHAPES + POSITIONS
+# A few extra words a user may plausibly type, so they get a token of their own rather than
+# being spelled out letter by letter (the model never saw them; their embeddings stay random).
+EXTRA_WORDS = ("an", "of", "with", "in", "at", "image", "photo", "picture", "shape", "object")
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                beta_end=0.012, prediction_type="v_prediction")
+
+
+def tokenizer_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Vocabulary and BPE merges in which every word of CAPTION_WORDS + EXTRA_WORDS is one
+    ``word</w>`` token, and any other lowercase word falls back to single letters.
+
+    Each word is built by a left-to-right chain of merges (w[:1] + w[1], w[:2] + w[2], ...).
+    BPE always applies the lowest-ranked applicable merge, so a short word's merge could fire
+    inside a longer word ("to" of "top" inside "bottom"); ranking longer words' chains first
+    makes each word's own chain win. ``build_tokenizer`` checks the result.
+    """
+    vocab: dict[str, int] = {BOS: 0, EOS: 1}
+    for ch in LETTERS:
+        vocab[ch] = len(vocab)
+        vocab[ch + "</w>"] = len(vocab)
+    merges: list[tuple[str, str]] = []
+    words = sorted(set(CAPTION_WORDS + EXTRA_WORDS), key=lambda w: (-len(w), w))
+    for word in words:
+        for k in range(1, len(word)):
+            left = word[:k]
+            right = word[k] + ("</w>" if k == len(word) - 1 else "")
+            merged = left + right
+            if (left, right) not in merges:
+                merges.append((left, right))
+            vocab.setdefault(merged, len(vocab))
+    return vocab, merges
+
+
+def build_tokenizer() -> CLIPTokenizer:
+    # CLIPTokenizer (a tokenizers-backed class in transformers 5) takes the vocabulary and
+    # merges directly; unknown characters become the unk token (EOS, as in CLIP).
+    vocab, merges = tokenizer_vocab()
+    tok = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MAX_LENGTH)
+    check_tokenizer(tok)
+    return tok
+
+
+def check_tokenizer(tok) -> None:
+    """Every caption word must be exactly one token, else per-word maps would be split."""
+    for word in CAPTION_WORDS + EXTRA_WORDS:
+        ids = tok(word, add_special_tokens=False).input_ids
+        if len(ids) != 1 or tok.convert_ids_to_tokens(ids)[0] != word + "</w>":
+            raise AssertionError(f"{word!r} tokenizes to {tok.convert_ids_to_tokens(ids)}")
+    if tok.model_max_length != MAX_LENGTH:
+        raise AssertionError(f"model_max_length {tok.model_max_length} != {MAX_LENGTH}")
+
+
+def build_text_encoder(vocab_size: int) -> BertModel:
+    config = BertConfig(vocab_size=vocab_size, hidden_size=128, num_hidden_layers=4,
+                        num_attention_heads=4, intermediate_size=512,
+                        max_position_embeddings=32, type_vocab_size=1,
+                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                        # No padding_idx: the tokenizer pads with EOS, whose embedding must train.
+                        pad_token_id=None)
+    # The pipeline uses only the hidden states (output[0]), so the pooler never trains; it is
+    # kept anyway because BertModel.from_pretrained (as the pipeline calls it) always builds
+    # one and would otherwise re-initialise it randomly and print a "MISSING" load report.
+    return BertModel(config)
+
+
+def build_unet() -> UNet2DConditionModel:
+    # Sized for ~1.5 s per training step at batch 64 on one CPU thread: convolutions and
+    # self-attention at 16 x 16 dominate, so the first level is narrow (32 channels) and its
+    # attention uses 2 heads (head size 16; 8-dim heads made CPU attention 2x slower).
+    # ``attention_head_dim`` is diffusers' legacy name for the number of heads per block.
+    return UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4,
+        block_out_channels=(32, 64, 128),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        layers_per_block=1, cross_attention_dim=128, attention_head_dim=(2, 4, 4), norm_num_groups=16,
+    )
+
+
+def build_vae() -> AutoencoderKL:
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, sample_size=64,
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(16, 32, 64), layers_per_block=1, norm_num_groups=16,
+    )
+
+
+def train_scheduler() -> DDPMScheduler:
+    return DDPMScheduler(**SCHEDULE)
+
+
+def sample_scheduler() -> DPMSolverMultistepScheduler:
+    # steps_offset=1 only silences StableDiffusionPipeline's legacy-config warning (which would
+    # set it anyway); with "linspace" spacing DPM-Solver ignores it.
+    return DPMSolverMultistepScheduler(**SCHEDULE, steps_offset=1)
+
+
+def n_params(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def save_pipeline(folder: str | Path, vae, text_encoder, tokenizer, unet, fp16: bool = False) -> Path:
+    """Write a diffusers folder that ``StableDiffusionPipeline.from_pretrained`` loads offline.
+
+    Written into a temporary sibling folder and renamed into place, so readers never see a
+    half-written model. With ``fp16`` the safetensors tensors are halved *after* saving:
+    saving a half-precision model writes ``dtype: float16`` into the text encoder's config,
+    which then makes default (float32) loads come back in float16.
+    """
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                                   unet=unet, scheduler=sample_scheduler(), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    if fp16:
+        halve_safetensors(tmp)
+    old = folder.with_name(folder.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if folder.exists():
+        folder.rename(old)
+    tmp.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
+def halve_safetensors(folder: Path) -> None:
+    from safetensors.torch import load_file, save_file
+    for path in Path(folder).rglob("*.safetensors"):
+        tensors = {k: (v.half() if v.is_floating_point() else v) for k, v in load_file(path).items()}
+        save_file(tensors, path, metadata={"format": "pt"})
+
+
+def folder_size(folder: str | Path) -> int:
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
+
+
+def write_json(path: Path, data) -> None:
+    path.write_text(json.dumps(data, indent=1) + "\n")

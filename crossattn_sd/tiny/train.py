@@ -1,0 +1,346 @@
+"""Train the embedded tiny text-to-image model on the shapes world (CPU).
+
+Stage 1 trains the VAE (64 x 64 RGB <-> 16 x 16 x 4) on freshly rendered scenes. Stage 2
+encodes a fixed pool of scenes to posterior *means* (the posterior of this small VAE stays
+wide, and sampling it would make half of every UNet target VAE noise) and trains the UNet and
+the text encoder jointly: v-prediction, min-SNR-5 loss weights, AdamW with warm-up and a
+cosine decay to 10% over --steps, EMA weights, 10% of captions dropped to "" (what the
+pipeline encodes as the unconditional prompt). Held-out scene types are never trained on.
+
+Every --checkpoint-minutes the full state goes to OUT/checkpoint.pt (atomically) and the EMA
+weights are exported as a diffusers StableDiffusionPipeline folder (atomically), so the
+latest model is usable at any time. --resume continues exactly where the checkpoint left
+off; the pool is regenerated from the seed rather than stored.
+
+On the 2-core VM run it with glibc malloc tuned, or steps are ~20x slower:
+
+    MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=100000000000 MALLOC_TOP_PAD_=1073741824 \\
+    OMP_WAIT_POLICY=PASSIVE python -m crossattn_sd.tiny.train --out runs/tiny --threads 1
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from . import build
+from .judge import palette_labels
+from .world import Scene, caption, render, sample_scene
+
+CHECKPOINT = "checkpoint.pt"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="crossattn-sd train-tiny", description=__doc__,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", required=True, help="run folder (checkpoint.pt, pipeline export)")
+    p.add_argument("--steps", type=int, default=4000,
+                   help="total UNet steps; also the length of the cosine LR schedule")
+    p.add_argument("--vae-steps", type=int, default=1000, help="VAE training steps (stage 1)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--seed", type=int, default=0, help="seed for data, init and noise")
+    p.add_argument("--batch-size", type=int, default=64, help="UNet batch size")
+    p.add_argument("--vae-batch-size", type=int, default=8, help="VAE batch size")
+    p.add_argument("--lr", type=float, default=5e-4, help="peak UNet/text-encoder learning rate")
+    p.add_argument("--vae-lr", type=float, default=2e-3, help="VAE learning rate")
+    p.add_argument("--warmup", type=int, default=100, help="linear LR warm-up steps")
+    p.add_argument("--ema", type=float, default=0.999,
+                   help="EMA decay (ramped up from ~0.9 over the first steps)")
+    p.add_argument("--p-two", type=float, default=0.7, help="probability of a two-object scene")
+    p.add_argument("--caption-dropout", type=float, default=0.1,
+                   help="fraction of captions replaced by the empty prompt")
+    p.add_argument("--pool-size", type=int, default=50000,
+                   help="number of pre-encoded training scenes (small values for smoke tests)")
+    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
+    p.add_argument("--checkpoint-minutes", type=float, default=5.0,
+                   help="wall-clock minutes between checkpoints and pipeline exports")
+    p.add_argument("--export", default=None,
+                   help="where to write the diffusers pipeline folder (default OUT/pipeline)")
+    p.add_argument("--stop-after", type=int, default=None,
+                   help="stop (with a checkpoint) after this many UNet steps in this invocation; "
+                        "for testing exact resume")
+    p.add_argument("--log-every", type=int, default=50, help="print a plain log line every N steps")
+    return p
+
+
+# ----------------------------------------------------------------------------- data
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+
+
+def render_batch(rng: np.random.Generator, n: int, p_two: float) -> tuple[list[Scene], np.ndarray]:
+    scenes = [sample_scene(rng, p_two=p_two) for _ in range(n)]
+    return scenes, np.stack([render(s) for s in scenes])
+
+
+def tokenize(tokenizer, texts: list[str]) -> torch.Tensor:
+    # Exactly as StableDiffusionPipeline encodes prompts (padded to model_max_length, no
+    # attention mask), so training and sampling see the same token sequences.
+    return tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length,
+                     truncation=True, return_tensors="pt").input_ids
+
+
+class Pool:
+    """Pre-encoded training scenes: VAE posterior means and both caption orders' token ids.
+
+    Regenerated deterministically from (seed, size) so checkpoints need not store it."""
+
+    def __init__(self, vae, tokenizer, seed: int, size: int, p_two: float, chunk: int = 256):
+        rng = np.random.default_rng([seed, 1])
+        latents, fwd, rev = [], [], []
+        with torch.no_grad():
+            for start in tqdm(range(0, size, chunk), desc="encoding pool", mininterval=10,
+                              file=sys.stdout):
+                scenes, images = render_batch(rng, min(chunk, size - start), p_two)
+                latents.append(vae.encode(to_tensor(images)).latent_dist.mean)
+                fwd.append(tokenize(tokenizer, [caption(s) for s in scenes]))
+                rev.append(tokenize(tokenizer, [caption(s, tuple(reversed(range(len(s.objects)))))
+                                                for s in scenes]))
+        self.latents = torch.cat(latents)
+        self.ids = torch.stack([torch.cat(fwd), torch.cat(rev)], dim=1)  # (N, 2, L)
+        self.empty = tokenize(tokenizer, [""])[0]
+
+    def __len__(self) -> int:
+        return len(self.latents)
+
+    def batch(self, gen: torch.Generator, n: int, dropout: float) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.randint(len(self), (n,), generator=gen)
+        order = torch.randint(2, (n,), generator=gen)  # random caption order
+        ids = self.ids[idx, order].clone()
+        ids[torch.rand(n, generator=gen) < dropout] = self.empty
+        return self.latents[idx], ids
+
+
+# ----------------------------------------------------------------------------- losses
+
+def vae_loss(vae, x: torch.Tensor) -> torch.Tensor:
+    posterior = vae.encode(x).latent_dist
+    recon = vae.decode(posterior.sample()).sample
+    return F.mse_loss(recon, x) + 1e-6 * posterior.kl().mean()
+
+
+def diffusion_loss(unet, text_encoder, scheduler, latents, ids, t, noise) -> torch.Tensor:
+    """v-prediction loss with min-SNR-5 weights (for v targets: min(snr, 5) / (snr + 1))."""
+    noisy = scheduler.add_noise(latents, noise, t)
+    target = scheduler.get_velocity(latents, noise, t)
+    pred = unet(noisy, t, text_encoder(ids)[0]).sample
+    alpha_bar = scheduler.alphas_cumprod.to(latents.device)[t]
+    snr = alpha_bar / (1 - alpha_bar)
+    weight = snr.clamp(max=5.0) / (snr + 1)
+    per_sample = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
+    return (weight * per_sample).mean()
+
+
+def lr_lambda(warmup: int, total: int):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+    return f
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p, 1 - decay)
+
+
+@torch.no_grad()
+def palette_accuracy(vae, seed: int, n: int = 256, p_two: float = 0.7) -> float:
+    """Fraction of pixels whose nearest palette colour survives a VAE round trip (means)."""
+    rng = np.random.default_rng([seed, 2])
+    _, images = render_batch(rng, n, p_two)
+    same = total = 0
+    for i in range(0, n, 32):
+        x = to_tensor(images[i:i + 32])
+        recon = to_uint8(vae.decode(vae.encode(x).latent_dist.mean).sample)
+        for a, b in zip(images[i:i + 32], recon):
+            same += int((palette_labels(a) == palette_labels(b)).sum())
+            total += a.shape[0] * a.shape[1]
+    return same / total
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def export(folder: Path, vae, ema_text_encoder, tokenizer, ema_unet) -> None:
+    build.save_pipeline(folder, vae=vae, text_encoder=ema_text_encoder, tokenizer=tokenizer,
+                        unet=ema_unet)
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    export_dir = Path(args.export) if args.export else out / "pipeline"
+    ckpt_path = out / CHECKPOINT
+    ckpt = None
+    if args.resume:
+        if not ckpt_path.exists():
+            print(f"--resume: no checkpoint at {ckpt_path}", file=sys.stderr)
+            return 2
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        for key in ("seed", "pool_size", "p_two"):
+            if ckpt["args"][key] != getattr(args, key):
+                print(f"--resume: --{key.replace('_', '-')} {getattr(args, key)} differs from the "
+                      f"checkpoint's {ckpt['args'][key]}", file=sys.stderr)
+                return 2
+
+    torch.manual_seed(args.seed)  # model initialisation
+    tokenizer = build.build_tokenizer()
+    vae = build.build_vae()
+    text_encoder = build.build_text_encoder(len(tokenizer))
+    unet = build.build_unet()
+    print(f"params: unet {build.n_params(unet):,} text encoder {build.n_params(text_encoder):,} "
+          f"vae {build.n_params(vae):,}", flush=True)
+    last_save = time.time()
+
+    # Stage 1: VAE.
+    if ckpt is not None and ckpt["vae_done"]:
+        vae.load_state_dict(ckpt["vae"])
+        vae.register_to_config(scaling_factor=ckpt["scaling_factor"])
+        print(f"resumed: VAE done (palette accuracy {ckpt['vae_palette_accuracy']:.5f})", flush=True)
+    else:
+        train_vae(vae, args)
+        last_save = time.time()
+    vae.eval().requires_grad_(False)
+    # (a smoke run with a tiny pool checks few images, to stay fast)
+    accuracy = palette_accuracy(vae, args.seed, n=min(256, args.pool_size)) if ckpt is None or not ckpt["vae_done"] \
+        else ckpt["vae_palette_accuracy"]
+    print(f"VAE palette accuracy {accuracy:.5f}", flush=True)
+
+    # Stage 2: UNet + text encoder on pre-encoded posterior means.
+    t0 = time.time()
+    pool = Pool(vae, tokenizer, args.seed, args.pool_size, args.p_two)
+    if ckpt is None or not ckpt["vae_done"]:
+        # Unit-variance UNet inputs: scale by 1 / std of the latent means.
+        vae.register_to_config(scaling_factor=float(1.0 / pool.latents.std()))
+    scaling = vae.config.scaling_factor
+    print(f"pool: {len(pool)} scenes encoded in {time.time() - t0:.0f} s; "
+          f"scaling_factor {scaling:.4f}", flush=True)
+
+    scheduler = build.train_scheduler()
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args.warmup, args.steps))
+    ema_unet, ema_te = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text_encoder).requires_grad_(False)
+    gen = torch.Generator().manual_seed(args.seed + 1000)
+    step = 0
+    if ckpt is not None and "unet" in ckpt:
+        unet.load_state_dict(ckpt["unet"])
+        text_encoder.load_state_dict(ckpt["text_encoder"])
+        ema_unet.load_state_dict(ckpt["ema_unet"])
+        ema_te.load_state_dict(ckpt["ema_text_encoder"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["lr_scheduler"])
+        # LambdaLR keeps its lambda from this run: resuming with a larger --steps stretches
+        # the cosine from here on.
+        gen.set_state(ckpt["generator"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        step = ckpt["step"]
+        print(f"resumed at step {step}", flush=True)
+
+    def state() -> dict:
+        return dict(args=vars(args), vae_done=True, vae=vae.state_dict(), scaling_factor=scaling,
+                    vae_palette_accuracy=accuracy, unet=unet.state_dict(),
+                    text_encoder=text_encoder.state_dict(), ema_unet=ema_unet.state_dict(),
+                    ema_text_encoder=ema_te.state_dict(), optimizer=opt.state_dict(),
+                    lr_scheduler=sched.state_dict(), generator=gen.get_state(),
+                    torch_rng=torch.get_rng_state(), step=step)
+
+    def checkpoint(reason: str) -> None:
+        t = time.time()
+        save_checkpoint(ckpt_path, state())
+        export(export_dir, vae, ema_te, tokenizer, ema_unet)
+        print(f"checkpoint ({reason}) at step {step}: {ckpt_path}, pipeline {export_dir} "
+              f"({time.time() - t:.1f} s)", flush=True)
+
+    if ckpt is None or not ckpt["vae_done"]:
+        checkpoint("VAE done")
+        last_save = time.time()
+
+    unet.train()
+    text_encoder.train()
+    stop = args.steps if args.stop_after is None else min(args.steps, step + args.stop_after)
+    bar = tqdm(total=args.steps, initial=step, desc="unet", mininterval=10, file=sys.stdout)
+    smooth, tick = None, time.time()
+    while step < stop:
+        latents, ids = pool.batch(gen, args.batch_size, args.caption_dropout)
+        latents = latents * scaling
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(ids),), generator=gen)
+        noise = torch.randn(latents.shape, generator=gen)
+        loss = diffusion_loss(unet, text_encoder, scheduler, latents, ids, t, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        step += 1
+        decay = min(args.ema, (1 + step) / (10 + step))
+        ema_update(ema_unet, unet, decay)
+        ema_update(ema_te, text_encoder, decay)
+        smooth = loss.item() if smooth is None else 0.98 * smooth + 0.02 * loss.item()
+        bar.update(1)
+        bar.set_postfix(loss=f"{smooth:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}", refresh=False)
+        if step % args.log_every == 0:
+            now = time.time()
+            bar.write(f"step {step}/{args.steps} loss {loss.item():.4f} smooth {smooth:.4f} "
+                      f"lr {sched.get_last_lr()[0]:.2e} {(now - tick) / args.log_every:.2f} s/step")
+            sys.stdout.flush()
+            tick = now
+        if time.time() - last_save >= args.checkpoint_minutes * 60:
+            checkpoint("timer")
+            last_save = time.time()
+    bar.close()
+    checkpoint("done" if step >= args.steps else "stop")
+    return 0
+
+
+def train_vae(vae, args) -> None:
+    """Stage 1: MSE + 1e-6 KL on freshly rendered (non-held-out) scenes."""
+    rng = np.random.default_rng([args.seed, 0])
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(min(50, args.vae_steps), args.vae_steps))
+    vae.train()
+    bar = tqdm(range(args.vae_steps), desc="vae", mininterval=10, file=sys.stdout)
+    smooth = None
+    for i in bar:
+        _, images = render_batch(rng, args.vae_batch_size, args.p_two)
+        loss = vae_loss(vae, to_tensor(images))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        smooth = loss.item() if smooth is None else 0.98 * smooth + 0.02 * loss.item()
+        bar.set_postfix(loss=f"{smooth:.5f}", refresh=False)
+        if (i + 1) % (args.log_every * 4) == 0:
+            bar.write(f"vae step {i + 1}/{args.vae_steps} loss {smooth:.5f}")
+            sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
