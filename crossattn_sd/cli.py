@@ -35,8 +35,8 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", default="", help="reweight: word:weight pairs, e.g. 'circle:2.0, red:0.5'")
     p.add_argument("--edit-prompt", default=None, help="edit: the edited prompt (same seed, source maps injected)")
     p.add_argument("--inject", type=float, default=0.8, help="edit: fraction of steps that use the source's maps")
-    p.add_argument("--layers", default="*", help="comma-separated glob patterns of cross-attention layers, "
-                   "e.g. 'up_blocks.*'")
+    p.add_argument("--layers", default="*", help="cross-attention layers the processor goes on, comma-separated: "
+                   "glob patterns of layer names ('up_blocks.*') or map resolutions ('16': longer side 16, '16x12')")
     p.add_argument("--per-step", action="store_true", help="also keep per-step maps (timelines, step ranges)")
     p.add_argument("--word", action="append", default=None, metavar="W",
                    help="write overlays for this word only (repeatable); default: every word")
@@ -49,8 +49,18 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" unless the help text already says what the default is."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = HelpFormatter
     parser = argparse.ArgumentParser(prog="crossattn-sd", description=__doc__, formatter_class=fmt)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -113,19 +123,31 @@ def safe_name(word: str) -> str:
     return re.sub(r"[^\w\-]+", "_", word).strip("_") or "word"
 
 
+def _has_word(alignment, word: str) -> bool:
+    try:
+        return bool(alignment.indices_of(word))
+    except ValueError:
+        return False
+
+
 def write_outputs(result, out: Path, words=None, alpha: float = 0.5, cmap: str = "jet") -> list[Path]:
-    """Save the result and one overlay-<word>.png per chosen word; returns the overlay paths."""
+    """Save the result and an overlay per chosen word and image; returns the overlay paths.
+
+    The first image's overlays are overlay-<word>.png, image i's (e.g. an edit's edited image) overlay-<i>-<word>.png;
+    each image gets the chosen words its own prompt has (default: all of them).
+    """
     from .overlay import blend
 
     result.save(out)
     if not result.store.sums:
         return []
-    chosen = words or list(dict.fromkeys(w.lower() for w in result.words))
     paths = []
-    for word in chosen:
-        path = out / f"overlay-{safe_name(word)}.png"
-        blend(result.images[0], result.heatmap(word), alpha, cmap).save(path)
-        paths.append(path)
+    for i, alignment in enumerate(result.alignments):
+        own = list(dict.fromkeys(w.lower() for w in alignment.word_texts))
+        for word in own if not words else [w for w in words if _has_word(alignment, w)]:
+            path = out / (f"overlay-{safe_name(word)}.png" if i == 0 else f"overlay-{i}-{safe_name(word)}.png")
+            blend(result.images[i], result.heatmap(word, image_index=i), alpha, cmap).save(path)
+            paths.append(path)
     return paths
 
 
@@ -147,9 +169,9 @@ def _run_generate(args, spec=None):
 
 def cmd_generate(args) -> int:
     _, result = _run_generate(args)
-    if args.word:
-        for w in args.word:  # validate before writing anything
-            result.alignments[0].indices_of(w)
+    for w in args.word or ():  # validate before writing anything (an edit's word may be in either prompt)
+        if not any(_has_word(a, w) for a in result.alignments):
+            result.alignments[0].indices_of(w)  # raises ValueError naming the word and the prompt's words
     overlays = write_outputs(result, args.out, args.word, args.alpha, args.cmap)
     print(f"wrote {args.out}/image.png, maps.npz, meta.json, attention.safetensors and {len(overlays)} overlay(s)")
     if result.dropped_words:
@@ -170,13 +192,14 @@ def cmd_compare(args) -> int:
     _, res_b = _run_generate(args, spec_b)
     write_outputs(res_a, args.out / "a", args.word, args.alpha, args.cmap)
     write_outputs(res_b, args.out / "b", args.word, args.alpha, args.cmap)
-    a = np.asarray(res_a.images[0], dtype=np.int16)
-    b = np.asarray(res_b.images[0], dtype=np.int16)
+    image_a, image_b = res_a.images[0], res_b.images[-1]  # an edit returns [source, edit]: compare the edit
+    a = np.asarray(image_a, dtype=np.int16)
+    b = np.asarray(image_b, dtype=np.int16)
     diff = np.abs(a - b).max(axis=-1)
     scale = 255.0 / max(1, diff.max())
     diff_img = Image.fromarray((diff * scale).astype(np.uint8)).convert("RGB")
     diff_img.save(args.out / "difference.png")
-    tiles = [captioned(res_a.images[0], f"A: {spec_a.name}", 3), captioned(res_b.images[0], f"B: {spec_b.name}", 3),
+    tiles = [captioned(image_a, f"A: {spec_a.name}", 3), captioned(image_b, f"B: {spec_b.name}", 3),
              captioned(diff_img, f"|A-B| (max {int(diff.max())})", 3)]
     sheet = Image.new("RGB", (sum(t.width for t in tiles), tiles[0].height), "white")
     x = 0

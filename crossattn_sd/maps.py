@@ -5,6 +5,12 @@ attention probabilities at its own native resolution, shape (images, h, w, token
 only when asked for, up to a byte budget; past it, per-step detail is dropped with a warning and the running
 sums carry on, so a generation never fails because of its maps. Nothing here upsamples until a map is asked
 for, and only that map is upsampled.
+
+The "exact" processor hands over queries and keys instead of probabilities (`record_attention`): they wait,
+up to `defer_bytes`, and `flush` turns each layer's waiting steps into probabilities in one batched
+softmax(Q K^T) instead of one per step. Same maps, a few tensor calls per layer instead of a few per layer
+and step, which is most of the recording cost when the UNet is small (each call has a fixed CPU cost).
+`capture()` flushes when its block ends, and every reading method flushes first.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 DEFAULT_MAX_STEP_BYTES = 1 << 30  # 1 GiB of per-step maps before per-step detail is dropped
+DEFAULT_DEFER_BYTES = 64 << 20  # queries and keys waiting for a batched softmax before they are flushed
 
 
 def layer_hw(latent_hw: tuple[int, int], num_queries: int) -> tuple[int, int]:
@@ -47,12 +54,16 @@ class MapStore:
         max_step_bytes (`int`): budget for per-step maps; reaching it drops per-step detail with a warning.
         cfg (`bool` or callable): whether the UNet batch holds [unconditional, conditional] halves; only the
             conditional half is recorded. A callable is asked at every UNet call (pipelines decide per call).
+        defer_bytes (`int`): memory that queries and keys handed to `record_attention` may hold before they
+            are turned into maps (0: at once). The fields `sums`, `counts`, `head_sums` and `steps` are
+            complete after `flush()`, which `capture()` calls on exit and the reading methods call first.
     """
 
     per_step: bool = False
     keep_heads: bool = False
     max_step_bytes: int = DEFAULT_MAX_STEP_BYTES
     cfg: bool | Callable[[], bool] = False
+    defer_bytes: int = DEFAULT_DEFER_BYTES
 
     latent_hw: tuple[int, int] | None = None
     sums: dict[str, torch.Tensor] = field(default_factory=dict)  # layer -> (n, h, w, T)
@@ -63,6 +74,8 @@ class MapStore:
     step_bytes: int = 0
     steps_dropped: bool = False
     _cfg_now: bool = False
+    _pending: list = field(default_factory=list, repr=False)  # record_attention calls waiting for `flush`
+    _pending_bytes: int = 0
 
     # -- recording -------------------------------------------------------------------------------------------
 
@@ -86,24 +99,79 @@ class MapStore:
         """Add one layer's probabilities, shape (n * heads, queries, tokens), for the recorded images only."""
         if self.latent_hw is None:
             raise RuntimeError("MapStore.record called before begin_call: install processors with capture()")
-        probs = attention_probs.detach().float()
+        probs = attention_probs.detach() if attention_probs.requires_grad else attention_probs
+        if probs.dtype != torch.float32:
+            probs = probs.float()
         n = probs.shape[0] // heads
         h, w = layer_hw(self.latent_hw, probs.shape[1])
-        probs = probs.reshape(n, heads, h, w, probs.shape[-1])  # (n, heads, h, w, T)
-        mean = probs.mean(dim=1)
+        self._add(layer, probs.reshape(1, n, heads, h, w, probs.shape[-1]), [self.num_steps - 1])
+
+    def record_attention(self, layer: str, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None,
+                         scale: float) -> None:
+        """Record softmax(scale * Q K^T + mask) of the recorded images, computed later in a batch (see `flush`).
+
+        Args:
+            query (`torch.Tensor`): (n, heads, queries, d), the recorded images only.
+            key (`torch.Tensor`): (n, heads, tokens, d).
+            mask (`torch.Tensor`, *optional*): additive, broadcastable to (n, heads, queries, tokens).
+            scale (`float`): the layer's softmax scale (`attn.scale`).
+        """
+        if self.latent_hw is None:
+            raise RuntimeError("MapStore.record called before begin_call: install processors with capture()")
+        if query.requires_grad or key.requires_grad:
+            query, key = query.detach(), key.detach()
+            mask = None if mask is None else mask.detach()
+        hw = layer_hw(self.latent_hw, query.shape[-2])
+        self._pending.append((layer, len(self.timesteps) - 1, hw, query, key, mask, scale))
+        # Views of the UNet's tensors keep the whole batch alive: both halves under guidance.
+        self._pending_bytes += (query.numel() + key.numel()) * query.element_size() * (2 if self._cfg_now else 1)
+        if self._pending_bytes > self.defer_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        """Turn the queries and keys waiting from `record_attention` into maps: one batched softmax per layer."""
+        if not self._pending:
+            return
+        pending, self._pending, self._pending_bytes = self._pending, [], 0
+        groups: dict[tuple, list] = {}  # insertion order = first UNet call's layer order
+        for entry in pending:
+            layer, _, hw, query, key, mask, _ = entry
+            shape_key = (layer, hw, tuple(query.shape[1:]), tuple(key.shape[1:]), mask is None)
+            groups.setdefault(shape_key, []).append(entry)
+        with torch.no_grad():
+            for (layer, (h, w), *_), entries in groups.items():
+                query = torch.cat([e[3] for e in entries]).float()  # (calls * n, heads, Nq, d)
+                key = torch.cat([e[4] for e in entries]).float()
+                scores = torch.matmul(query, key.transpose(-1, -2)).mul_(entries[0][6])
+                if entries[0][5] is not None:
+                    scores += torch.cat([e[5] for e in entries])
+                probs = scores.softmax(dim=-1)  # (calls * n, heads, Nq, T)
+                calls = len(entries)
+                self._add(layer, probs.view(calls, -1, probs.shape[1], h, w, probs.shape[-1]),
+                          [e[1] for e in entries])
+
+    def _add(self, layer: str, probs: torch.Tensor, calls: list[int]) -> None:
+        """Accumulate probabilities (calls, n, heads, h, w, T) of the UNet calls with indices `calls`."""
+        mean = probs.mean(dim=2)  # (calls, n, h, w, T)
+        total = mean.sum(dim=0) if len(calls) > 1 else mean[0]
         if layer in self.sums:
-            self.sums[layer] += mean
-            self.counts[layer] += 1
+            self.sums[layer] += total
+            self.counts[layer] += len(calls)
         else:
-            self.sums[layer] = mean.clone()
-            self.counts[layer] = 1
+            self.sums[layer] = total
+            self.counts[layer] = len(calls)
         if self.keep_heads:
+            heads_total = probs.sum(dim=0)
             if layer in self.head_sums:
-                self.head_sums[layer] += probs
+                self.head_sums[layer] += heads_total
             else:
-                self.head_sums[layer] = probs.clone()
-        if self.per_step and not self.steps_dropped and self.steps:
-            nbytes = mean.numel() * mean.element_size()
+                self.head_sums[layer] = heads_total
+        if not (self.per_step and self.steps):
+            return
+        for step_mean, call in zip(mean, calls):
+            if self.steps_dropped:
+                return
+            nbytes = step_mean.numel() * step_mean.element_size()
             if self.step_bytes + nbytes > self.max_step_bytes:
                 self.steps_dropped = True
                 self.steps.clear()
@@ -111,16 +179,17 @@ class MapStore:
                 warnings.warn(
                     f"per-step attention maps reached max_step_bytes={self.max_step_bytes}; per-step detail "
                     "was dropped and the running sums kept. Raise max_step_bytes or use fewer steps/layers.",
-                    RuntimeWarning, stacklevel=2,
+                    RuntimeWarning, stacklevel=3,
                 )
-            else:
-                self.steps[-1][layer] = mean.clone()
-                self.step_bytes += nbytes
+                return
+            self.steps[call][layer] = step_mean.clone()
+            self.step_bytes += nbytes
 
     # -- reading ---------------------------------------------------------------------------------------------
 
     @property
     def layers(self) -> list[str]:
+        self.flush()
         return list(self.sums)
 
     @property
@@ -129,20 +198,24 @@ class MapStore:
 
     @property
     def num_images(self) -> int:
+        self.flush()
         return next(iter(self.sums.values())).shape[0] if self.sums else 0
 
     @property
     def has_steps(self) -> bool:
+        self.flush()
         return self.per_step and not self.steps_dropped and bool(self.steps)
 
     def layer_shape(self, layer: str) -> tuple[int, int]:
+        self.flush()
         return tuple(self.sums[layer].shape[1:3])
 
     def resolutions(self) -> list[tuple[int, int]]:
         """The distinct (h, w) map sizes, largest first."""
-        return sorted({self.layer_shape(l) for l in self.sums}, key=lambda hw: -hw[0] * hw[1])
+        return sorted({self.layer_shape(l) for l in self.layers}, key=lambda hw: -hw[0] * hw[1])
 
     def num_heads(self, layer: str) -> int | None:
+        self.flush()
         return self.head_sums[layer].shape[1] if layer in self.head_sums else None
 
     def select_layers(self, layers: str | Iterable[str] | None = None,
@@ -166,6 +239,7 @@ class MapStore:
 
     def layer_mean(self, layer: str, steps: Sequence[int] | None = None, head: int | None = None) -> torch.Tensor:
         """Mean probabilities of one layer over the chosen steps: (n, h, w, T)."""
+        self.flush()
         if head is not None:
             if layer not in self.head_sums:
                 raise ValueError("per-head maps were not kept; generate with keep_heads=True to pick a head")
@@ -190,6 +264,7 @@ class MapStore:
 
     def select_images(self, images: slice) -> "MapStore":
         """A store holding only some of the recorded images (e.g. the edited one of a [source, edit] batch)."""
+        self.flush()
         out = MapStore(per_step=self.per_step, keep_heads=self.keep_heads, max_step_bytes=self.max_step_bytes,
                        latent_hw=self.latent_hw, counts=dict(self.counts), timesteps=list(self.timesteps),
                        steps_dropped=self.steps_dropped)
@@ -200,6 +275,7 @@ class MapStore:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Flat tensors for safetensors; `from_state_dict` inverts it."""
+        self.flush()
         out = {f"sum/{k}": v.contiguous() for k, v in self.sums.items()}
         out.update({f"heads/{k}": v.contiguous() for k, v in self.head_sums.items()})
         out.update({f"count/{k}": torch.tensor(c) for k, c in self.counts.items()})
@@ -249,18 +325,40 @@ def token_map(store: MapStore, token_indices: Sequence[int], size: tuple[int, in
 
     Each layer's map is upsampled (bilinear) to `size` before averaging, so every resolution counts equally.
     Returns a float32 tensor (H, W) of raw probabilities (each pixel's probabilities over all tokens sum to 1).
+    See `token_maps` for several groups of tokens at once.
     """
+    return token_maps(store, [token_indices], size, image_index=image_index, layers=layers,
+                      resolutions=resolutions, steps=steps, head=head)[0]
+
+
+def token_maps(store: MapStore, token_groups: Sequence[Sequence[int]], size: tuple[int, int], *,
+               image_index: int = 0, layers=None, resolutions=None, steps: Sequence[int] | None = None,
+               head: int | None = None) -> torch.Tensor:
+    """`token_map` for several token groups (e.g. every word of a prompt) at once: float32 (groups, H, W).
+
+    Upsampling is linear, so the layers of one resolution are summed first and upsampled once: one interpolation
+    per resolution for all groups, instead of one per layer and group (`word_maps` of a long prompt on a large
+    image is then a few calls, not hundreds). A group's map is the same bits whether computed alone or with others.
+    """
+    store.flush()
     if not store.sums:
         raise ValueError("no attention maps were recorded (did the pipeline run inside capture()?)")
     if not 0 <= image_index < store.num_images:
         raise ValueError(f"image_index={image_index} is out of range; this run has {store.num_images} image(s)")
-    idx = torch.as_tensor(list(token_indices), dtype=torch.long)
-    total = torch.zeros(size, dtype=torch.float32)
     names = store.select_layers(layers, resolutions)
+    by_size: dict[tuple[int, int], torch.Tensor] = {}  # (h, w) -> sum of that resolution's layer means (h, w, T)
     for name in names:
-        m = store.layer_mean(name, steps=steps, head=head)[image_index]  # (h, w, T)
-        m = m.index_select(-1, idx).sum(-1) if len(idx) else torch.zeros(m.shape[:2])
-        total += F.interpolate(m[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
+        m = store.layer_mean(name, steps=steps, head=head)[image_index]
+        hw = tuple(m.shape[:2])
+        by_size[hw] = by_size[hw] + m if hw in by_size else m
+    groups = [torch.as_tensor(list(g), dtype=torch.long) for g in token_groups]
+    total = torch.zeros((len(groups), *size), dtype=torch.float32)
+    for (h, w), m in by_size.items():
+        picked = torch.stack([m.index_select(-1, idx).sum(-1) if len(idx) else m.new_zeros((h, w))
+                              for idx in groups])  # (groups, h, w)
+        # Groups go on the batch axis: each is then upsampled as its own plane, so a group's values do not
+        # depend on how many others are computed with it (stacked as channels, they can differ by 1 ulp).
+        total += F.interpolate(picked[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
     return total / len(names)
 
 

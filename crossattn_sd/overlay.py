@@ -4,6 +4,7 @@ timelines. numpy + PIL + matplotlib's colour maps only; no Gradio, no Diffusers.
 
 from __future__ import annotations
 
+import functools
 import io
 from collections.abc import Mapping, Sequence
 
@@ -14,16 +15,23 @@ DEFAULT_CMAP = "jet"
 CMAPS = ("jet", "inferno", "viridis", "magma", "plasma", "turbo", "hot", "coolwarm", "gray")
 
 
-def colorize(heatmap: np.ndarray, cmap: str = DEFAULT_CMAP) -> np.ndarray:
-    """(H, W) values in [0, 1] -> (H, W, 3) uint8 RGB through a matplotlib colour map."""
+@functools.lru_cache(maxsize=None)
+def _lut(cmap: str) -> np.ndarray:
+    """A colour map's 256 RGB entries as uint8 (matplotlib builds the table anew on every call: slow in a UI)."""
     import matplotlib
 
     try:
         colormap = matplotlib.colormaps[cmap]
     except KeyError:
         raise ValueError(f"unknown colour map {cmap!r}; try one of {', '.join(CMAPS)}") from None
+    return (colormap(np.arange(colormap.N))[:, :3] * 255 + 0.5).astype(np.uint8)
+
+
+def colorize(heatmap: np.ndarray, cmap: str = DEFAULT_CMAP) -> np.ndarray:
+    """(H, W) values in [0, 1] -> (H, W, 3) uint8 RGB through a matplotlib colour map."""
+    lut = _lut(cmap)
     m = np.clip(np.nan_to_num(np.asarray(heatmap, dtype=np.float32)), 0.0, 1.0)
-    return (colormap(m)[..., :3] * 255 + 0.5).astype(np.uint8)
+    return lut[np.minimum((m * len(lut)).astype(np.intp), len(lut) - 1)]  # matplotlib's own binning
 
 
 def blend(image: Image.Image, heatmap: np.ndarray, alpha: float = 0.5, cmap: str = DEFAULT_CMAP) -> Image.Image:
@@ -37,6 +45,7 @@ def blend(image: Image.Image, heatmap: np.ndarray, alpha: float = 0.5, cmap: str
     return Image.fromarray((base * (1 - alpha) + colour * alpha + 0.5).astype(np.uint8))
 
 
+@functools.lru_cache(maxsize=32)
 def _font(size: int):
     try:
         return ImageFont.load_default(size=size)
@@ -88,6 +97,8 @@ def animation(frames: Sequence[Image.Image], duration_ms: int = 250) -> bytes:
     """An endlessly looping GIF of `frames`."""
     if not frames:
         raise ValueError("no frames to animate")
+    # Fast octree quantisation: Pillow's default (median cut) takes ~25 ms a frame, too slow for a UI.
+    frames = [f.quantize(255, method=Image.Quantize.FASTOCTREE) for f in frames]
     buf = io.BytesIO()
     frames[0].save(buf, format="GIF", save_all=True, append_images=list(frames[1:]), duration=duration_ms, loop=0)
     return buf.getvalue()

@@ -64,9 +64,13 @@ def load_pipeline(model: str | None = None, *, device: str | None = None, dtype:
     Returns:
         A `DiffusionPipeline` with a `crossattn_defaults` attribute (steps, guidance, size for this model).
     """
+    from transformers.utils import logging as transformers_logging
+
+    # Diffusers' pipeline classes import CLIPImageProcessor (the safety checker's feature extractor), for
+    # which transformers 5 warns that torchvision is missing: irrelevant here (no image processor runs).
+    transformers_logging.get_logger("transformers.utils.import_utils").setLevel(transformers_logging.ERROR)
     from diffusers import DiffusionPipeline
     from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
 
     diffusers_logging.disable_progress_bar()  # component-loading bars are noise in a CLI and a server log
     transformers_logging.disable_progress_bar()  # (transformers draws its own "Loading weights" bar)
@@ -140,7 +144,10 @@ def _make_scheduler(pipe, name: str | None):
         return None
     import diffusers
 
-    return getattr(diffusers, SCHEDULERS[name]).from_config(pipe.scheduler.config)
+    # PNDM as Stable Diffusion configures it (PLMS only): its Runge-Kutta warm-up fails below 4 steps and costs
+    # 4 UNet calls a step, and a config from another scheduler would turn it on.
+    extra = {"skip_prk_steps": True} if name == "pndm" else {}
+    return getattr(diffusers, SCHEDULERS[name]).from_config(pipe.scheduler.config, **extra)
 
 
 def _check_int(name: str, value, low: int, high: int | None = None, hint: str = "") -> int:
@@ -188,10 +195,12 @@ def generate(
         per_step (`bool`): also keep per-step maps (timestep ranges, timelines).
         num_images_per_prompt (`int`): images per prompt.
         scheduler (`str`, *optional*): one of `SCHEDULERS`; default keeps the pipeline's own.
-        layers (`str` or list): glob patterns of the cross-attention layers to record.
+        layers (`str` or list): the cross-attention layers to record: glob patterns of layer names
+            ("up_blocks.*") or map resolutions ("16": longer side 16; "16x12": exact size).
         keep_heads (`bool`): also keep per-head maps.
         max_step_bytes (`int`): memory budget for per-step maps.
         processor (`ProcessorSpec`, *optional*): a steering processor (see `steering.py`); default: capture.
+            The edit processor returns two images, [source, edit], for one source prompt.
         progress (callable, *optional*): called as `progress(step, total)` after each denoising step.
         cancel (`threading.Event`, *optional*): set it to stop; `GenerationCancelled` is raised.
 
@@ -243,7 +252,7 @@ def generate(
 
     def on_step_end(p, i, t, callback_kwargs):
         if progress is not None:
-            progress(i + 1, steps)
+            progress(i + 1, p.num_timesteps)  # not `steps`: PNDM (SD 1.5's default) takes steps + 1
         if cancel is not None and cancel.is_set():
             p._interrupt = True
         return callback_kwargs
@@ -263,7 +272,8 @@ def generate(
             pipe.scheduler = new_scheduler
         with use_processor(pipe, spec, prompts=prompts, steps=steps, per_step=per_step, keep_heads=keep_heads,
                            max_step_bytes=max_step_bytes, layers=layers,
-                           num_images_per_prompt=num_images_per_prompt) as store:
+                           num_images_per_prompt=num_images_per_prompt,
+                           latent_size=(height // factor, width // factor)) as store:
             out = pipe(
                 prompt=call_prompts, negative_prompt=call_negative, num_inference_steps=steps,
                 guidance_scale=guidance_scale, height=height, width=width,
@@ -274,8 +284,7 @@ def generate(
         pipe.scheduler = old_scheduler
     if cancel is not None and cancel.is_set():
         raise GenerationCancelled("generation was cancelled")
-    images = spec.select_images(list(out.images), len(prompts), num_images_per_prompt)
-    store = spec.select_maps(store)
+    images = list(out.images)
     settings = dict(
         prompt=prompts[0] if isinstance(prompt, str) else prompts,
         edit_source_prompt=prompts[0] if spec.name == "edit" else None,

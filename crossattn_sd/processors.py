@@ -6,22 +6,23 @@ length, and the text-encoder states S1 give the keys and values:
 
     out = softmax((W_Q S2)(W_K S1)^T / sqrt(d)) W_V S1
 
-`CaptureProcessor` is Diffusers' classic processor plus one call that hands the probabilities to a
-`MapStore`. It runs in one of two modes:
+`CaptureProcessor` is Diffusers' classic processor plus one call that hands the attention to a `MapStore`
+(the probabilities, or in "exact" mode the queries and keys they come from). It runs in one of two modes:
 
 - "exact": the output comes from `F.scaled_dot_product_attention` exactly as in Diffusers' default
   `AttnProcessor2_0`, so images are bit-identical; the probabilities are computed on the side, for the
-  recorded (conditional) images only.
+  recorded (conditional) images only, by the store in batches over steps (`MapStore.record_attention`).
 - "explicit": the output is `attention_probs @ V`, the formula end to end (differs from SDPA by ~1e-6). The
   steering processors (see `steering.py`) build on this mode, because they change the probabilities.
 
 Processors are installed and restored only through Diffusers' public API (`attn_processors`,
-`set_attn_processor`); `attn1` keeps whatever processor it had.
+`set_attn_processor` with every key filled); `attn1` keeps whatever processor it had.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import re
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
@@ -114,11 +115,9 @@ class CaptureProcessor:
             )
             hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, heads * head_dim)
             hidden_states = hidden_states.to(query.dtype)
-            rows = slice(rec.start * heads, rec.stop * heads)
-            attention_probs = attn.get_attention_scores(
-                _to_batch_heads(query[rec]), _to_batch_heads(key[rec]),
-                None if attention_mask is None else attention_mask[rows],
-            )
+            # softmax(Q K^T) of the recorded images, computed by the store in one batch over steps
+            self.store.record_attention(self.layer, query[rec], key[rec],
+                                        None if sdpa_mask is None else sdpa_mask[rec], attn.scale)
         else:
             attention_probs = attn.get_attention_scores(
                 _to_batch_heads(query), _to_batch_heads(key), attention_mask
@@ -127,8 +126,7 @@ class CaptureProcessor:
             hidden_states = torch.bmm(attention_probs, _to_batch_heads(value))  # (B * heads, Nq, d)
             hidden_states = hidden_states.view(batch_size, heads, -1, head_dim).transpose(1, 2)
             hidden_states = hidden_states.reshape(batch_size, -1, heads * head_dim)
-            attention_probs = attention_probs[rec.start * heads: rec.stop * heads]
-        self.store.record(self.layer, attention_probs, heads)
+            self.store.record(self.layer, attention_probs[rec.start * heads: rec.stop * heads], heads)
 
         hidden_states = attn.to_out[0](hidden_states)  # linear proj
         hidden_states = attn.to_out[1](hidden_states)  # dropout
@@ -148,40 +146,99 @@ def _to_batch_heads(t: torch.Tensor) -> torch.Tensor:
 # -- installing -----------------------------------------------------------------------------------------------
 
 
-def cross_attention_layers(unet) -> list[str]:
-    """Names of the UNet's cross-attention layers, in forward order (keys of `attn_processors` minus '.processor')."""
+def _cross_attention_names(unet, processors: dict) -> list[str]:
+    """Names of the cross-attention layers among `processors` (the keys of `unet.attn_processors`), in order."""
     names = []
-    for key in unet.attn_processors:
+    for key in processors:
         name = key.removesuffix(".processor")
         if getattr(unet.get_submodule(name), "is_cross_attention", name.endswith("attn2")):
             names.append(name)
     return names
 
 
-def match_layers(names: Iterable[str], layers: str | Iterable[str] = "*") -> list[str]:
-    """The names matching one glob pattern or any of several ("*" for all, "up_blocks.*", ...)."""
-    patterns = [layers] if isinstance(layers, str) else list(layers)
-    return [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+def cross_attention_layers(unet) -> list[str]:
+    """Names of the UNet's cross-attention layers, in forward order (keys of `attn_processors` minus '.processor')."""
+    return _cross_attention_names(unet, unet.attn_processors)
+
+
+_RESOLUTION = re.compile(r"^(\d+)(?:x(\d+))?$")
+
+
+def layer_sizes(unet, latent_size: tuple[int, int] | int | None = None) -> dict[str, tuple[int, int]]:
+    """Map size (h, w) of each cross-attention layer for a latent of `latent_size` (default: the UNet's
+    `sample_size`), read from the UNet's blocks: every down block with a downsampler halves the size (rounding
+    up, like Diffusers' stride-2 convolution), every up block with an upsampler doubles it back."""
+    if latent_size is None:
+        latent_size = unet.config.sample_size
+    h, w = (latent_size, latent_size) if isinstance(latent_size, int) else tuple(int(v) for v in latent_size)
+    level_sizes = [(h, w)]
+    for _ in range(len(getattr(unet, "down_blocks", ()))):
+        lh, lw = level_sizes[-1]
+        level_sizes.append(((lh + 1) // 2, (lw + 1) // 2))
+    levels, level = {}, 0
+    for i, block in enumerate(getattr(unet, "down_blocks", ())):
+        levels[f"down_blocks.{i}."] = level
+        level += getattr(block, "downsamplers", None) is not None
+    levels["mid_block."] = level
+    for i, block in enumerate(getattr(unet, "up_blocks", ())):
+        levels[f"up_blocks.{i}."] = level
+        level -= getattr(block, "upsamplers", None) is not None
+    sizes = {}
+    for name in cross_attention_layers(unet):
+        prefix = next((p for p in levels if name.startswith(p)), None)
+        if prefix is not None:
+            sizes[name] = level_sizes[max(levels[prefix], 0)]
+    return sizes
+
+
+def match_layers(names: Iterable[str], layers: str | Iterable[str] = "*",
+                 sizes: dict[str, tuple[int, int]] | None = None) -> list[str]:
+    """The names matching any of one or several selectors: glob patterns over layer names ("*" for all,
+    "up_blocks.*", ...) or map resolutions ("16" matches a map whose longer side is 16, "16x12" an exact
+    h x w), read from `sizes` (see `layer_sizes`)."""
+    selectors = [layers] if isinstance(layers, str) else list(layers)
+    names = list(names)
+    chosen = set()
+    for sel in selectors:
+        res = _RESOLUTION.match(sel.strip())
+        if res is None:
+            chosen.update(n for n in names if fnmatch.fnmatchcase(n, sel.strip()))
+            continue
+        if sizes is None:
+            raise ValueError(f"layer selector {sel!r} is a resolution, but the layers' map sizes are unknown here; "
+                             "use glob patterns of layer names such as 'up_blocks.*'")
+        a, b = int(res.group(1)), res.group(2)
+        chosen.update(n for n in names if n in sizes
+                      and (sizes[n] == (a, int(b)) if b is not None else max(sizes[n]) == a))
+    return [n for n in names if n in chosen]
 
 
 ProcessorFactory = Callable[[MapStore, str], object]
 
 
 @contextmanager
-def install(unet, store: MapStore, factory: ProcessorFactory, layers: str | Iterable[str] = "*") -> Iterator[MapStore]:
-    """Install `factory(store, layer)` on the matching cross-attention layers; restore the originals on exit.
+def install(unet, store: MapStore, factory: ProcessorFactory, layers: str | Iterable[str] = "*",
+            latent_size: tuple[int, int] | int | None = None) -> Iterator[MapStore]:
+    """Install `factory(store, layer)` on the cross-attention layers `layers` selects (glob patterns or
+    resolutions, see `match_layers`; resolutions are those of a `latent_size` latent, default the UNet's
+    `sample_size`); restore the originals on exit.
 
-    Every key of `unet.attn_processors` is filled: unmatched layers (and all self-attention) keep their
-    processor. A forward pre-hook on the UNet tells the store where each UNet evaluation starts, with the
-    latent size (maps are reshaped from it, so non-square images work) and the timestep.
+    Every key of `unet.attn_processors` is filled in one `set_attn_processor` call: unmatched layers (and all
+    self-attention) keep their processor. A forward pre-hook on the UNet tells the store where each UNet
+    evaluation starts, with the latent size (maps are reshaped from it, so non-square images work) and the
+    timestep.
     """
     originals = dict(unet.attn_processors)
-    chosen = set(match_layers(cross_attention_layers(unet), layers))
+    cross = _cross_attention_names(unet, originals)
+    sizes = layer_sizes(unet, latent_size)
+    chosen = set(match_layers(cross, layers, sizes))
     if not chosen:
-        raise ValueError(
-            f"layers={layers!r} matches no cross-attention layer; names look like "
-            f"{cross_attention_layers(unet)[0]!r} (use glob patterns such as '*' or 'up_blocks.*')"
-        )
+        example = repr(cross[0]) if cross else "(this UNet has none)"
+        found = sorted({f"{h}x{w}" for h, w in sizes.values()}, key=lambda r: -int(r.split("x")[0]))
+        shown = layers if isinstance(layers, str) else ", ".join(layers)
+        raise ValueError(f"layers={shown!r} matches no cross-attention layer; names look like {example} and map "
+                         f"sizes are {', '.join(found) or '(none)'} (use glob patterns such as '*' or "
+                         "'up_blocks.*', or resolutions such as '16')")
     new = {key: factory(store, key.removesuffix(".processor")) if key.removesuffix(".processor") in chosen
            else proc for key, proc in originals.items()}
 
@@ -199,6 +256,7 @@ def install(unet, store: MapStore, factory: ProcessorFactory, layers: str | Iter
     finally:
         hook.remove()
         unet.set_attn_processor(originals)
+    store.flush()  # the maps are complete when the block ends
 
 
 def guidance_probe(pipe) -> Callable[[], bool] | bool:
@@ -210,7 +268,8 @@ def guidance_probe(pipe) -> Callable[[], bool] | bool:
 
 @contextmanager
 def capture(pipe, mode: str = "exact", layers: str | Iterable[str] = "*", *, per_step: bool = False,
-            keep_heads: bool = False, max_step_bytes: int = DEFAULT_MAX_STEP_BYTES) -> Iterator[MapStore]:
+            keep_heads: bool = False, max_step_bytes: int = DEFAULT_MAX_STEP_BYTES,
+            latent_size: tuple[int, int] | int | None = None) -> Iterator[MapStore]:
     """Record cross-attention maps of everything `pipe` generates inside the `with` block.
 
     Works on any Diffusers pipeline with a `unet` (or on a bare `UNet2DConditionModel`). The original
@@ -219,10 +278,13 @@ def capture(pipe, mode: str = "exact", layers: str | Iterable[str] = "*", *, per
     Args:
         pipe: a Diffusers pipeline (or UNet).
         mode (`str`): "exact" (images bit-identical to Diffusers' default processor) or "explicit".
-        layers (`str` or list of `str`): glob patterns over cross-attention layer names; "*" for all.
+        layers (`str` or list of `str`): glob patterns over cross-attention layer names ("*" for all), or map
+            resolutions ("16": longer side 16; "16x12": exact size) of a `latent_size` latent.
         per_step (`bool`): also keep each step's maps (for timestep ranges and timelines).
         keep_heads (`bool`): also keep per-head sums.
         max_step_bytes (`int`): per-step memory budget; past it per-step detail is dropped with a warning.
+        latent_size (`int` or `(h, w)`, *optional*): the latent size resolution selectors refer to (image size
+            // `pipe.vae_scale_factor`); default the UNet's `sample_size`.
 
     Example:
         >>> with crossattn_sd.capture(pipe) as maps:
@@ -233,5 +295,5 @@ def capture(pipe, mode: str = "exact", layers: str | Iterable[str] = "*", *, per
     store = MapStore(per_step=per_step, keep_heads=keep_heads, max_step_bytes=max_step_bytes,
                      cfg=guidance_probe(pipe))
     unet = getattr(pipe, "unet", pipe)
-    with install(unet, store, lambda s, layer: CaptureProcessor(s, layer, mode), layers):
+    with install(unet, store, lambda s, layer: CaptureProcessor(s, layer, mode), layers, latent_size):
         yield store

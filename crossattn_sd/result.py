@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .maps import MapStore, normalize, token_map
+from .maps import MapStore, normalize, token_maps
 from .tokens import PromptTokens, Word
 
 FORMAT_VERSION = 1
@@ -85,21 +85,32 @@ class GenerationResult:
             ValueError: the word is not in the prompt (the message lists the prompt's words), or a filter
                 selects nothing.
         """
-        if not 0 <= image_index < len(self.images):
-            raise ValueError(f"image_index={image_index} is out of range; there are {len(self.images)} image(s)")
-        indices = self.alignments[image_index].indices_of(word, occurrence)
-        m = token_map(self.store, indices, self.size, image_index=image_index, layers=layers,
-                      resolutions=resolutions, steps=_steps_arg(steps), head=head)
-        return normalize(m, normalize_by).numpy().astype(np.float32)
+        return self._heatmaps([word], image_index=image_index, steps=steps, resolutions=resolutions,
+                              layers=layers, occurrence=occurrence, head=head, normalize_by=normalize_by)[0]
 
     def word_maps(self, image_index: int = 0, **filters) -> dict[str, np.ndarray]:
-        """Every distinct word's heat map for one image (repeated words sum their occurrences)."""
-        out = {}
+        """Every distinct word's heat map for one image (repeated words sum their occurrences).
+
+        Takes `heatmap`'s filters; the maps equal `heatmap(word, ...)` and are computed in one pass.
+        """
+        if not 0 <= image_index < len(self.images):
+            raise ValueError(f"image_index={image_index} is out of range; there are {len(self.images)} image(s)")
+        words = {}
         for w in self.alignments[image_index].word_texts:
-            key = w.lower()
-            if key not in out:
-                out[key] = self.heatmap(w, image_index=image_index, **filters)
-        return out
+            words.setdefault(w.lower(), w)
+        maps = self._heatmaps(list(words.values()), image_index=image_index, **filters) if words else []
+        return dict(zip(words, maps))
+
+    def _heatmaps(self, words: list[str], *, image_index: int = 0, steps=None, resolutions=None, layers=None,
+                  occurrence: int | None = None, head: int | None = None, normalize_by: str = "minmax",
+                  ) -> list[np.ndarray]:
+        if not 0 <= image_index < len(self.images):
+            raise ValueError(f"image_index={image_index} is out of range; there are {len(self.images)} image(s)")
+        alignment = self.alignments[image_index]
+        groups = [alignment.indices_of(word, occurrence) for word in words]
+        maps = token_maps(self.store, groups, self.size, image_index=image_index, layers=layers,
+                          resolutions=resolutions, steps=_steps_arg(steps), head=head)
+        return [normalize(m, normalize_by).numpy().astype(np.float32) for m in maps]
 
     # -- persistence -----------------------------------------------------------------------------------------
 

@@ -9,7 +9,8 @@ layers or a subset, from Python, the CLI and the UI.
 - edit: prompt-to-prompt editing. The source prompt and the edited prompt are generated together from the
   same noise; for the first `inject` fraction of the steps the edit's cross-attention probabilities are replaced
   by the source's (word swap when both prompts have as many tokens, refinement by token alignment otherwise:
-  words only in the edit keep their own attention). Identical prompts reproduce the plain image.
+  words only in the edit keep their own attention). The call returns two images, [source, edit], each with its
+  own prompt's words and maps. Identical prompts reproduce the plain image.
 
 Every steering processor records the probabilities it actually used, so maps show where words landed after
 steering. Per-call state (weights, token mapping) lives in the processor objects made for that call.
@@ -59,8 +60,9 @@ class ProcessorSpec:
         weights: reweight: (word, weight) pairs; parse a "word:weight, ..." string with `parse_weights`.
         edit_prompt: edit: the edited prompt.
         inject: edit: fraction of the denoising steps that take the source's cross-attention maps (0..1).
-        layers: glob patterns (comma-separated) of the cross-attention layers the processor goes on; other
-            layers keep Diffusers' processor and record nothing.
+        layers: comma-separated selectors of the cross-attention layers the processor goes on: glob patterns of
+            layer names ("up_blocks.*") or map resolutions ("16": longer side 16; "16x12"); other layers keep
+            Diffusers' processor and record nothing.
     """
 
     name: str = "capture"
@@ -98,7 +100,7 @@ class ProcessorSpec:
     def layer_patterns(self) -> list[str]:
         return [p.strip() for p in self.layers.split(",") if p.strip()] or ["*"]
 
-    # How a processor reshapes the pipeline call: edit runs [source, edit] as one batch, shows the edit.
+    # How a processor reshapes the pipeline call: edit runs [source, edit] as one batch and returns both.
 
     def batch_prompts(self, prompts: list[str], negative: str | list[str] | None):
         """The (prompt, negative_prompt) the pipeline is called with."""
@@ -109,13 +111,8 @@ class ProcessorSpec:
         return [prompts[0], self.edit_prompt], None if negative is None else [negative, negative]
 
     def result_prompts(self, prompts: list[str]) -> list[str]:
-        return [self.edit_prompt] if self.name == "edit" else prompts
-
-    def select_images(self, images: list, num_prompts: int, per_prompt: int) -> list:
-        return images[1:] if self.name == "edit" else images
-
-    def select_maps(self, store: MapStore) -> MapStore:
-        return store.select_images(slice(1, 2)) if self.name == "edit" and store.sums else store
+        """The prompt of each image the call returns (edit: the source's, then the edited prompt's)."""
+        return [prompts[0], self.edit_prompt] if self.name == "edit" else prompts
 
 
 class ReweightProcessor(CaptureProcessor):
@@ -196,15 +193,17 @@ def edit_token_map(source: PromptTokens, edit: PromptTokens) -> torch.Tensor:
 @contextmanager
 def use_processor(pipe, spec: ProcessorSpec, *, prompts: list[str], steps: int, per_step: bool = False,
                   keep_heads: bool = False, max_step_bytes: int = DEFAULT_MAX_STEP_BYTES, layers="*",
-                  num_images_per_prompt: int = 1) -> Iterator[MapStore]:
-    """Install `spec`'s processor on `pipe` for one call; yields the call's `MapStore`."""
+                  num_images_per_prompt: int = 1, latent_size=None) -> Iterator[MapStore]:
+    """Install `spec`'s processor on `pipe` for one call; yields the call's `MapStore`.
+
+    `latent_size` ((h, w) of the call's latents) resolves resolution selectors in the layers ("16", "16x12")."""
     patterns = spec.layer_patterns if spec.layers != "*" else ([layers] if isinstance(layers, str) else list(layers))
     if spec.name == "default":
         yield MapStore()
         return
     if spec.name == "capture":
         with capture(pipe, spec.mode, patterns, per_step=per_step, keep_heads=keep_heads,
-                     max_step_bytes=max_step_bytes) as store:
+                     max_step_bytes=max_step_bytes, latent_size=latent_size) as store:
             yield store
         return
     store = MapStore(per_step=per_step, keep_heads=keep_heads, max_step_bytes=max_step_bytes,
@@ -222,7 +221,7 @@ def use_processor(pipe, spec: ProcessorSpec, *, prompts: list[str], steps: int, 
         mapping = edit_token_map(align_prompt(tokenizer, prompts[0]), align_prompt(tokenizer, spec.edit_prompt))
         inject_calls = round(float(spec.inject) * steps)
         factory = lambda s, layer: EditProcessor(s, layer, mapping, inject_calls)  # noqa: E731
-    with install(pipe.unet, store, factory, patterns):
+    with install(pipe.unet, store, factory, patterns, latent_size):
         yield store
 
 

@@ -15,7 +15,8 @@ torch.set_num_threads(1)  # CI has 2 cores; other jobs may share them
 WHOLE_WORDS = ["a", "red", "blue", "green", "square", "on", "the", "left", "right", "and", "cat"]
 
 
-def tiny_tokenizer(max_length: int = 16):
+def tiny_tokenizer(max_length: int = 16, pad_token: str = "<|endoftext|>"):
+    """A CLIP BPE tokenizer over the closed vocabulary; SDXL's second tokenizer pads with "!" (pad_token="!")."""
     from transformers import CLIPTokenizer
 
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
@@ -32,7 +33,7 @@ def tiny_tokenizer(max_length: int = 16):
             vocab.setdefault(a + b, len(vocab))
             pieces = [a + b] + pieces[2:]
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length, unk_token="<|endoftext|>",
-                         bos_token="<|startoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+                         bos_token="<|startoftext|>", eos_token="<|endoftext|>", pad_token=pad_token)
 
 
 def tiny_sd_pipeline(seed: int = 0, max_length: int = 16):
@@ -65,14 +66,48 @@ def tiny_sd_pipeline(seed: int = 0, max_length: int = 16):
     return pipe
 
 
+def tiny_sdxl_pipeline(seed: int = 0, max_length: int = 16):
+    """A seeded random StableDiffusionXLPipeline built like Diffusers' SDXL tests: two text encoders (the second
+    with a projection, for the pooled embedding), a "text_time" UNet, VAE factor 2."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    tokenizer, tokenizer_2 = tiny_tokenizer(max_length), tiny_tokenizer(max_length, pad_token="!")
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=(2, 4),
+        transformer_layers_per_block=(1, 2), use_linear_projection=True, norm_num_groups=4,
+        cross_attention_dim=32,  # the two encoders' hidden states (16 + 16), joined per token
+        addition_embed_type="text_time", addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=6 * 8 + 16,  # six size/crop ids of 8 dims + the pooled text
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16), norm_num_groups=4,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+    )
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=max_length, bos_token_id=0, eos_token_id=1, pad_token_id=1, projection_dim=16,
+    )
+    text_encoder, text_encoder_2 = CLIPTextModel(config), CLIPTextModelWithProjection(config)
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       steps_offset=1, timestep_spacing="leading")
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                     tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 @pytest.fixture
 def sd_pipe():
     return tiny_sd_pipeline()
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def sd_pipe_dir(tmp_path_factory):
-    """The tiny pipeline saved to a folder, for loading paths and the CLI."""
+    """The tiny pipeline saved to a folder, for loading paths and the CLI (read only: shared by all tests)."""
     path = tmp_path_factory.mktemp("tiny-sd")
     tiny_sd_pipeline().save_pretrained(path)
     return path

@@ -18,7 +18,7 @@ from conftest import tiny_sd_pipeline, tiny_tokenizer
 
 from crossattn_sd.config import load_presets
 from crossattn_sd.maps import MapStore
-from crossattn_sd.processors import CaptureProcessor, capture, cross_attention_layers
+from crossattn_sd.processors import CaptureProcessor, capture, cross_attention_layers, layer_sizes
 from crossattn_sd.steering import ProcessorSpec, use_processor
 
 CONFIGS = Path(__file__).parent / "configs"
@@ -161,6 +161,34 @@ def test_meta_forward_records_non_square_and_smaller_maps(model, latent_hw, size
         meta_forward(unet, latent_hw)
     assert store.latent_hw == latent_hw
     assert store.resolutions() == sizes
+    # the sizes read from the UNet's blocks (used to select layers by resolution) are the ones the forward made
+    assert layer_sizes(unet, latent_hw) == {layer: store.layer_shape(layer) for layer in store.layers}
+
+
+@pytest.mark.parametrize("model, latent_hw, selector, sizes", [
+    ("sd15", (64, 64), "16", [(16, 16)]),
+    ("sd15", (64, 64), "64, 8", [(64, 64), (8, 8)]),
+    ("sd15", (65, 80), "17x20", [(17, 20)]),  # an exact h x w
+    ("sd15", (65, 80), "20", [(17, 20)]),  # a bare number is the longer side
+    ("sdxl", (128, 128), "32", [(32, 32)]),
+    ("sdxl", (128, 128), "up_blocks.*, 64", [(64, 64), (32, 32)]),  # patterns and resolutions mix
+])
+def test_resolution_selectors_put_processors_on_that_resolutions_layers(model, latent_hw, selector, sizes):
+    unet = meta_unet(model)
+    before = dict(unet.attn_processors)
+    with capture(unet, layers=[s.strip() for s in selector.split(",")], latent_size=latent_hw) as store:
+        chosen = {k.removesuffix(".processor") for k, p in unet.attn_processors.items() if isinstance(p, CaptureProcessor)}
+        meta_forward(unet, latent_hw)
+    assert set(store.layers) == chosen
+    assert sorted(store.resolutions(), reverse=True) == sizes
+    assert dict(unet.attn_processors) == before
+
+
+def test_a_resolution_the_unet_does_not_have_names_the_ones_it_has():
+    unet = meta_unet("sd15")
+    with pytest.raises(ValueError, match=r"layers='12'.*64x64, 32x32, 16x16, 8x8"):
+        with capture(unet, layers="12"):
+            pass
 
 
 # -- one real forward pass of a full-size UNet -----------------------------------------------------------------

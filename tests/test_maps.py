@@ -3,10 +3,11 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from crossattn_sd import generate
-from crossattn_sd.maps import MapStore, layer_hw, normalize, token_map
-from crossattn_sd.processors import capture, install, CaptureProcessor
+from crossattn_sd.maps import MapStore, layer_hw, normalize, token_map, token_maps
+from crossattn_sd.processors import capture, guidance_probe, install, CaptureProcessor
 
 PROMPTS = ["a red circle on the left", "cat"]  # different token counts: misplaced maps would show
 
@@ -76,6 +77,23 @@ def test_normalize():
 
 
 # -- stores filled by the tiny pipeline ----------------------------------------------------------------------
+
+
+def test_token_maps_match_per_layer_upsampling_and_one_group_at_a_time(sd_pipe):
+    """Several groups at once (layers of a resolution summed, then upsampled once) equal upsampling every layer
+    for every group, and each group's map is the same bits as that group computed alone."""
+    with capture(sd_pipe) as store:
+        call(sd_pipe, PROMPTS[0], latents_for(sd_pipe, 1))
+    groups = [[1], [2, 3], [], [1, 4, 5], [0], [6]]
+    together = token_maps(store, groups, (32, 48))
+    assert together.shape == (len(groups), 32, 48)
+    for group, m in zip(groups, together):
+        assert torch.equal(m, token_map(store, group, (32, 48)))
+        idx = torch.tensor(group, dtype=torch.long)
+        expected = sum(F.interpolate(store.layer_mean(n)[0].index_select(-1, idx).sum(-1)[None, None],
+                                     size=(32, 48), mode="bilinear", align_corners=False)[0, 0]
+                       for n in store.layers) / len(store.layers)
+        torch.testing.assert_close(m, expected, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("height,width,sizes", [(32, 32, [(16, 16), (8, 8)]), (32, 48, [(16, 24), (8, 12)])])
@@ -186,6 +204,28 @@ def test_per_step_budget_that_fits_warns_nothing(sd_pipe):
         result = generate(sd_pipe, PROMPTS[0], steps=2, guidance_scale=1.0, height=32, width=32, per_step=True)
     one_step = sum(m.numel() * 4 for m in result.store.steps[0].values())
     assert result.store.step_bytes == 2 * one_step
+
+
+@pytest.mark.parametrize("defer_bytes", [0, 100_000])
+def test_deferred_softmax_records_the_same_maps(sd_pipe, defer_bytes):
+    """Exact mode hands the store Q and K; their softmax batched over all steps (one flush when the block ends)
+    records the same sums, per-step and per-head maps as computing it at every step (defer_bytes=0) or in
+    the batches a small budget forces."""
+    latents = latents_for(sd_pipe, 2)
+    with capture(sd_pipe, per_step=True, keep_heads=True) as batched:
+        call(sd_pipe, PROMPTS, latents, steps=3)
+        assert batched._pending_bytes > 0  # nothing computed yet...
+        assert batched.resolutions() == [(16, 24), (8, 12)]  # ...until something reads the maps
+        assert not batched._pending and len(batched.layers) == 7
+    other = MapStore(per_step=True, keep_heads=True, cfg=guidance_probe(sd_pipe), defer_bytes=defer_bytes)
+    with install(sd_pipe.unet, other, lambda s, layer: CaptureProcessor(s, layer)):
+        call(sd_pipe, PROMPTS, latents, steps=3)
+    assert other.layers == batched.layers and other.counts == batched.counts == {l: 3 for l in other.layers}
+    for layer in batched.layers:
+        torch.testing.assert_close(other.sums[layer], batched.sums[layer], rtol=0, atol=1e-6)
+        torch.testing.assert_close(other.head_sums[layer], batched.head_sums[layer], rtol=0, atol=1e-6)
+        for a, b in zip(other.steps, batched.steps, strict=True):
+            torch.testing.assert_close(a[layer], b[layer], rtol=0, atol=1e-6)
 
 
 def test_state_dict_round_trip(sd_pipe):

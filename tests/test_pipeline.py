@@ -1,0 +1,91 @@
+"""`generate`: progress, cancellation (processors and scheduler restored), scheduler swaps, argument errors."""
+import threading
+
+import numpy as np
+import pytest
+
+from conftest import tiny_sd_pipeline
+from crossattn_sd import ProcessorSpec, generate
+from crossattn_sd.pipeline import GenerationCancelled
+
+PROMPT = "a red circle on the left"
+KW = dict(guidance_scale=3.0, height=16, width=24)
+PROCESSORS = [ProcessorSpec("default"), ProcessorSpec("capture"), ProcessorSpec("reweight", weights=(("red", 2.0),)),
+              ProcessorSpec("edit", edit_prompt="a blue circle on the left")]
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_sd_pipeline()
+
+
+@pytest.mark.parametrize("scheduler,calls", [(None, 3), ("euler", 3), ("pndm", 3 + 1)])
+def test_progress_is_called_once_per_step_with_its_total(pipe, scheduler, calls):
+    seen = []
+    generate(pipe, PROMPT, steps=3, scheduler=scheduler, progress=lambda i, n: seen.append((i, n)), **KW)
+    # PNDM (SD 1.5's default) takes one step more than `steps`; the total says how many there are
+    assert seen == [(i, calls) for i in range(1, calls + 1)]
+
+
+def test_pndm_runs_with_few_steps(pipe):
+    """Diffusers' PNDM with Runge-Kutta warm-up fails below 4 steps; "pndm" is PLMS, as SD configures it."""
+    assert pipe.scheduler.config.get("skip_prk_steps") is None  # a DDIM config: PNDM would default to PRK
+    result = generate(pipe, PROMPT, steps=1, scheduler="pndm", **KW)
+    assert result.settings["scheduler_class"] == "PNDMScheduler" and result.store.num_steps == 1
+
+
+@pytest.mark.parametrize("spec", PROCESSORS, ids=lambda s: s.name)
+def test_cancel_raises_and_restores_processors_and_scheduler(pipe, spec):
+    before, scheduler = dict(pipe.unet.attn_processors), pipe.scheduler
+    cancel, seen = threading.Event(), []
+
+    def progress(i, n):
+        seen.append(i)
+        if i == 1:
+            cancel.set()
+
+    with pytest.raises(GenerationCancelled, match="cancelled"):
+        generate(pipe, PROMPT, steps=4, scheduler="euler", processor=spec, progress=progress, cancel=cancel, **KW)
+    assert seen == [1]  # no step after the one that cancelled
+    after = dict(pipe.unet.attn_processors)
+    assert after.keys() == before.keys() and all(after[k] is before[k] for k in before)
+    assert pipe.scheduler is scheduler and not pipe.unet._forward_pre_hooks
+    assert generate(pipe, PROMPT, steps=1, **KW).store.num_steps == 1  # the pipeline still works
+
+
+def test_a_cancel_set_before_the_call_stops_at_the_first_step(pipe):
+    cancel = threading.Event()
+    cancel.set()
+    with pytest.raises(GenerationCancelled):
+        generate(pipe, PROMPT, steps=3, cancel=cancel, **KW)
+
+
+def test_scheduler_swap_is_used_for_the_call_and_restored(pipe):
+    scheduler = pipe.scheduler
+    used = []
+    result = generate(pipe, PROMPT, steps=2, scheduler="euler",
+                      progress=lambda i, n: used.append(type(pipe.scheduler).__name__), **KW)
+    assert used == ["EulerDiscreteScheduler"] * 2
+    assert pipe.scheduler is scheduler
+    assert result.settings["scheduler"] == "euler" and result.settings["scheduler_class"] == "EulerDiscreteScheduler"
+    plain = generate(pipe, PROMPT, steps=2, **KW)
+    assert plain.settings["scheduler_class"] == "DDIMScheduler"
+    assert not np.array_equal(np.asarray(plain.images[0]), np.asarray(result.images[0]))
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(height=20), "height=20 is not a multiple of 8 .*; use 16 or 24"),
+    (dict(width=4), r"width=4 is out of range; use a value between 8 and 8192 that is a multiple of 8"),
+    (dict(steps=2.5), "steps must be an integer, got 2.5"),
+    (dict(mode="fast"), "unknown mode 'fast'; use one of exact, explicit"),
+    (dict(scheduler="heun"), "unknown scheduler 'heun'; use one of default, dpm"),
+    (dict(guidance_scale=float("nan")), "guidance_scale=nan is out of range"),
+    (dict(prompt=[]), "prompt must be a string or a non-empty list"),
+    (dict(negative_prompt=["x", "y"]), "got 2 negative prompts for 1 prompts"),
+])
+def test_bad_arguments_are_value_errors_naming_the_value(pipe, kwargs, message):
+    before = dict(pipe.unet.attn_processors)
+    call = dict(prompt=PROMPT, steps=1, **KW) | kwargs
+    with pytest.raises(ValueError, match=message):
+        generate(pipe, call.pop("prompt"), **call)
+    assert all(p is before[k] for k, p in pipe.unet.attn_processors.items())
