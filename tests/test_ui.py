@@ -1,0 +1,277 @@
+"""The web UI, for real: the app served on a loopback port, driven by gradio_client and by a headless browser.
+
+The service runs the seeded tiny random pipeline (conftest.py), so nothing here depends on how well the
+embedded model is trained; its preset is the embedded one at 32x32 and 3 steps, to keep the module fast.
+"""
+
+import dataclasses
+import io
+import json
+import socket
+import urllib.request
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import tiny_sd_pipeline
+from gradio_client import Client, handle_file
+from PIL import Image
+from test_imports import loaded_after
+
+from crossattn_sd.cli import main
+from crossattn_sd.config import get_preset
+from crossattn_sd.pipeline import GenerationCancelled
+from crossattn_sd.processors import layer_sizes
+from crossattn_sd.service import MAX_PROMPT_CHARS, AttentionService, GenerateRequest
+
+# Gradio's queue calls pandas APIs that pandas 3 deprecates; not ours to fix.
+pytestmark = [pytest.mark.filterwarnings("ignore:'future.no_silent_downcasting' is deprecated"),
+              pytest.mark.filterwarnings("ignore:The copy keyword is deprecated")]
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+PRESET = dataclasses.replace(get_preset("tiny"), steps=3, height=32, width=32, max_side=64)
+PROMPT = "a red square on the left"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pixels(path) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def bundle_maps(path) -> dict[str, np.ndarray]:
+    """The per-word maps (maps.npz) inside a downloaded bundle."""
+    with zipfile.ZipFile(path) as zf, np.load(io.BytesIO(zf.read("maps.npz"))) as npz:
+        return {k: npz[k] for k in npz.files}
+
+
+def call_raw(url: str, api_name: str, data: list) -> str:
+    """Call an endpoint over plain HTTP (Gradio's /call API); the event stream's text."""
+    post = urllib.request.Request(f"{url}gradio_api/call/{api_name}", data=json.dumps({"data": data}).encode(),
+                                  headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(post, timeout=30) as r:
+        event = json.load(r)["event_id"]
+    with urllib.request.urlopen(f"{url}gradio_api/call/{api_name}/{event}", timeout=60) as r:
+        return r.read().decode()
+
+
+@pytest.fixture(scope="module")
+def service():
+    return AttentionService(PRESET, pipe=tiny_sd_pipeline(0))
+
+
+@pytest.fixture(scope="module")
+def server(service):
+    from crossattn_sd.ui import build_demo, launch
+
+    demo = build_demo(service)
+    _, url, _ = launch(demo, server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
+    yield url
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return Client(server, verbose=False)
+
+
+def test_generate_needs_only_the_prompt_and_heatmap_draws_each_word(client):
+    image, words, bundle = client.predict(PROMPT, api_name="/generate")
+    assert words == ["a", "red", "square", "on", "the", "left"]
+    assert pixels(image).shape == (32, 32, 3)
+    assert set(bundle_maps(bundle)) == set(words)
+
+    red = pixels(client.predict(handle_file(bundle), "red", api_name="/heatmap"))
+    square = pixels(client.predict(handle_file(bundle), "square", api_name="/heatmap"))
+    assert red.shape == square.shape == (32, 32, 3)
+    assert not np.array_equal(red, square)
+    # Filters reach the service: opacity 0 is the image itself; one block's layers give another overlay.
+    plain = client.predict(handle_file(bundle), "red", alpha=0.0, api_name="/heatmap")
+    np.testing.assert_array_equal(pixels(plain), pixels(image))
+    down = client.predict(handle_file(bundle), "red", layers="down_blocks.*", resolutions="16x16", api_name="/heatmap")
+    assert not np.array_equal(pixels(down), red)
+
+
+def test_an_edit_shows_the_edited_image_and_its_words(client):
+    image, words, bundle = client.predict(PROMPT, processor="edit", edit_prompt="a blue square on the left",
+                                          api_name="/generate")
+    assert words == ["a", "blue", "square", "on", "the", "left"]
+    with zipfile.ZipFile(bundle) as zf:
+        np.testing.assert_array_equal(pixels(image), pixels(io.BytesIO(zf.read("image-1.png"))))
+    blue = client.predict(handle_file(bundle), "blue", api_name="/heatmap")
+    assert pixels(blue).shape == (32, 32, 3)
+
+
+def test_the_processor_goes_on_the_layers_of_the_chosen_resolution(service):
+    entry = service.generate(GenerateRequest(PROMPT, processor="reweight", weights="square:3",
+                                             processor_layers="up_blocks.*"))
+    assert entry.result.store.layers and all(l.startswith("up_blocks.") for l in entry.result.store.layers)
+    factor = service.pipe.vae_scale_factor
+    sizes = layer_sizes(service.pipe.unet, (32 // factor, 32 // factor))  # the preset's 32 x 32 images
+    smallest = min(max(hw) for hw in sizes.values())
+    assert smallest < max(max(hw) for hw in sizes.values())  # the tiny UNet has more than one level
+    entry = service.generate(GenerateRequest(PROMPT, processor="reweight", weights="square:3",
+                                             processor_layers=str(smallest)))
+    assert sorted(entry.result.store.layers) == sorted(l for l, hw in sizes.items() if max(hw) == smallest)
+
+
+def test_parallel_clients_get_their_own_maps(server, service):
+    jobs = [("a red square", 1), ("blue cat on the left", 2), ("green", 3), ("the red and blue square on the right", 4)]
+
+    def run(prompt, seed):
+        return Client(server, verbose=False).predict(prompt, seed=seed, api_name="/generate")
+
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        results = list(pool.map(lambda job: run(*job), jobs))
+    for (prompt, seed), (image, words, bundle) in zip(jobs, results):
+        assert words == prompt.split()
+        alone = service.generate(GenerateRequest(prompt, seed=seed))
+        np.testing.assert_array_equal(pixels(image), np.asarray(alone.result.images[0]))
+        maps, ref = bundle_maps(bundle), bundle_maps(alone.bundle)
+        assert maps.keys() == ref.keys() == set(prompt.split())
+        for word in ref:
+            np.testing.assert_array_equal(maps[word], ref[word])
+
+
+@pytest.mark.parametrize("kwargs,named", [
+    (dict(prompt=""), "the prompt is empty"),
+    (dict(prompt="x" * (MAX_PROMPT_CHARS + 1)), f"{MAX_PROMPT_CHARS + 1} characters"),
+    (dict(steps=0), "Value 0 is less than minimum value 1"),  # Gradio's slider bounds answer first
+    (dict(steps=1000), "Value 1000 is greater than maximum value"),
+    (dict(width=36), "width=36 is not a multiple of 8"),
+    (dict(width=4096), "Value 4096 is greater than maximum value 64"),
+    (dict(guidance=-1), "Value -1 is less than minimum value 0"),
+    (dict(scheduler="warp"), "warp is not in the list of choices"),
+    (dict(processor_layers="12"), "layers='12' matches no cross-attention layer"),
+], ids=["empty", "huge", "steps-0", "steps-1000", "width-multiple", "width-range", "guidance", "scheduler", "layers"])
+def test_bad_generate_input_is_an_error_naming_it(client, kwargs, named):
+    with pytest.raises(Exception, match=named):
+        client.predict(**{"prompt": PROMPT, **kwargs}, api_name="/generate")
+
+
+def test_bad_bundles_and_words_are_errors_and_the_server_keeps_serving(server, client, tmp_path):
+    _, _, bundle = client.predict(PROMPT, api_name="/generate")
+    with pytest.raises(Exception, match="word 'zebra' is not in the prompt"):
+        client.predict(handle_file(bundle), "zebra", api_name="/heatmap")
+    corrupt = tmp_path / "maps.zip"
+    corrupt.write_bytes(np.random.default_rng(0).bytes(4096))
+    with pytest.raises(Exception, match="maps.zip is not a crossattn-sd map bundle"):
+        client.predict(handle_file(corrupt), "red", api_name="/heatmap")
+    # A server path no one uploaded is refused, even a real bundle (raw HTTP: gradio_client would upload it).
+    outside = tmp_path / "outside.zip"
+    outside.write_bytes(Path(bundle).read_bytes())
+    filters = ["red", "*", "", 0, -1, -1, 0.5, "jet"]  # the raw API has no defaults
+    file = {"path": str(outside), "meta": {"_type": "gradio.FileData"}}
+    assert call_raw(server, "heatmap", [file, *filters]).startswith("event: error")
+    assert call_raw(server, "heatmap", [{**file, "path": bundle}, *filters]).startswith("event: complete")
+    image, words, _ = client.predict("a blue cat", api_name="/generate")
+    assert words == ["a", "blue", "cat"] and pixels(image).shape == (32, 32, 3)
+
+
+def test_stop_cancels_restores_processors_and_keeps_results(service):
+    pipe = service.pipe
+    before = {name: (type(p), id(p)) for name, p in pipe.unet.attn_processors.items()}
+    kept = service.generate(GenerateRequest(PROMPT, seed=5), session="s")
+    history = service.add_to_history([], kept)
+    seen = []
+
+    def stop_after_first_step(step, total):
+        seen.append(step)
+        if step == 1:
+            service.prepare_run("s")  # Generate clicked again while this run is on: Stop must still reach it
+            service.stop("s")
+
+    service.prepare_run("s")
+    with pytest.raises(GenerationCancelled):
+        service.generate(GenerateRequest("a blue cat", seed=6, steps=20), session="s", progress=stop_after_first_step)
+    assert seen == [1]  # the other 19 steps never ran
+    assert {name: (type(p), id(p)) for name, p in pipe.unet.attn_processors.items()} == before
+    assert history == [kept] and kept.image_path.is_file() and kept.bundle.is_file()
+    # Stop also stops a run still waiting in the queue; the flag does not outlive the run it stopped.
+    service.prepare_run("s")
+    assert service.stop("s")
+    with pytest.raises(GenerationCancelled):
+        service.generate(GenerateRequest(PROMPT), session="s")
+    assert not service.stop("s")
+    assert service.generate(GenerateRequest(PROMPT, seed=5), session="s").result.words == kept.result.words
+
+
+def test_the_service_does_not_import_gradio():
+    assert loaded_after(["crossattn_sd.service"], ["gradio"]) == []
+
+
+@pytest.mark.parametrize("model", ["/srv/models/sd", "./local-model", "someone/some-model"])
+def test_any_model_needs_the_allow_any_model_flag(model, capsys):
+    with pytest.raises(PermissionError, match="--allow-any-model"):
+        AttentionService.from_model(model)
+    assert main(["serve", "--model", model, "--outputs", ""]) == 2
+    assert "--allow-any-model" in capsys.readouterr().err
+    assert AttentionService.from_model(model, allow_any_model=True).preset.source == model  # loads lazily
+
+
+def test_an_allowed_folder_loads_at_its_own_size(sd_pipe_dir):
+    service = AttentionService.from_model(str(sd_pipe_dir), allow_any_model=True, device="cpu")
+    assert AttentionService.from_model("tiny").preset == get_preset("tiny")
+    d = service.defaults()
+    assert (d.height, d.width, d.size_step) == (16, 16, 8)  # UNet sample_size 8 x VAE factor 2, not 512
+
+
+def test_browser_generate_click_a_word_and_stop(server, tmp_path):
+    if not CHROMIUM.exists():
+        pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium) for the browser test")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(server)
+            page.locator("#prompt textarea").fill(PROMPT)
+            page.locator("#generate").click()
+            overlay = page.locator("#overlay img")
+            overlay.wait_for(timeout=60_000)
+            page.locator("#image img").wait_for()
+            chips = page.locator("#word-chips")
+            assert chips.locator("input:checked").get_attribute("value") == "red"  # first word that is not "a"
+            first_src = overlay.get_attribute("src")
+            page.screenshot(path=tmp_path / "generated.png", full_page=True)
+
+            chips.get_by_text("square", exact=True).click()
+            page.wait_for_function("src => document.querySelector('#overlay img').src !== src", arg=first_src,
+                                   timeout=30_000)
+            page.screenshot(path=tmp_path / "word.png", full_page=True)
+            first = page.request.get(first_src).body()
+            second = page.request.get(overlay.get_attribute("src")).body()
+            assert not np.array_equal(pixels(io.BytesIO(first)), pixels(io.BytesIO(second)))
+
+            # The other tabs draw when selected: the all-words grid, the timeline's frames and its GIF.
+            page.get_by_role("tab", name="All words").click()
+            page.locator("#grid img").wait_for(timeout=30_000)
+            page.get_by_role("tab", name="Timeline").click()
+            page.locator("#animation img").wait_for(timeout=30_000)
+            assert page.locator("#timeline img").count() == PRESET.steps
+            page.screenshot(path=tmp_path / "timeline.png", full_page=True)
+            page.get_by_role("tab", name="Heat map").click()
+
+            # A long run shows its progress and stops on Stop; the previous image stays on show.
+            image_src = page.locator("#image img").get_attribute("src")
+            for name, value in (("Steps", "100"), ("Width", "64"), ("Height", "64")):
+                page.get_by_label(f"number input for {name}").fill(value)
+                page.get_by_label(f"number input for {name}").press("Enter")
+            page.locator("#generate").click()
+            page.locator("#image").get_by_text("denoising").wait_for(timeout=30_000)
+            page.locator("#stop").click()
+            page.get_by_text("Stopped. Your previous results are kept.").wait_for(timeout=30_000)
+            page.screenshot(path=tmp_path / "stopped.png", full_page=True)
+            assert page.locator("#image img").get_attribute("src") == image_src
+            assert chips.locator("input:checked").get_attribute("value") == "square"
+        finally:
+            browser.close()
+    assert all((tmp_path / f"{name}.png").stat().st_size > 0 for name in ("generated", "word", "timeline", "stopped"))
