@@ -44,12 +44,12 @@ def test_diffusion_loss_falls_on_a_fixed_batch():
 
 def test_smoke_run_exports_a_loadable_pipeline(tmp_path):
     from diffusers import StableDiffusionPipeline
-    from transformers import BertModel
+    from transformers import CLIPTextModel
 
     assert train.main(["--out", str(tmp_path / "run"), *SMOKE]) == 0
     folder = tmp_path / "run" / "pipeline"
     pipe = StableDiffusionPipeline.from_pretrained(folder)
-    assert isinstance(pipe.text_encoder, BertModel)
+    assert isinstance(pipe.text_encoder, CLIPTextModel)
     assert pipe.unet.dtype == pipe.text_encoder.dtype == pipe.vae.dtype == torch.float32
     build.check_tokenizer(pipe.tokenizer)
     images = pipe(["a red circle on the left", "a blue square on the top and a green triangle on the bottom"],

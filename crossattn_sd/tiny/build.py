@@ -2,11 +2,9 @@
 
 - tokenizer: a CLIPTokenizer whose closed vocabulary makes every caption word one token,
   so a word's attention map is one token's map;
-- text encoder: a small *bidirectional* BertModel. CLIP's text encoder is causal, so a
-  colour word cannot see the shape and position words after it and its cross-attention
-  map smears over its whole clause; a bidirectional encoder lets each word's embedding
-  say which object it belongs to. StableDiffusionPipeline only needs ``text_encoder(ids)[0]``
-  to be the hidden states, which BertModel satisfies;
+- text encoder: a small CLIPTextModel (causal, as in Stable Diffusion: each token sees only
+  the words before it), 4 layers of width 128, so the pipeline is a plain
+  StableDiffusionPipeline that loads and behaves like a real checkpoint;
 - UNet: UNet2DConditionModel on 16 x 16 x 4 latents with cross-attention at 16 x 16, 8 x 8
   and (mid block) 4 x 4;
 - VAE: AutoencoderKL with a down factor of 4 (64 x 64 RGB <-> 16 x 16 x 4);
@@ -22,7 +20,7 @@ from pathlib import Path
 import torch
 from diffusers import (AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler,
                        StableDiffusionPipeline, UNet2DConditionModel)
-from transformers import BertConfig, BertModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from .world import COLOURS, POSITIONS, SHAPES
 
@@ -83,17 +81,12 @@ def check_tokenizer(tok) -> None:
         raise AssertionError(f"model_max_length {tok.model_max_length} != {MAX_LENGTH}")
 
 
-def build_text_encoder(vocab_size: int) -> BertModel:
-    config = BertConfig(vocab_size=vocab_size, hidden_size=128, num_hidden_layers=4,
-                        num_attention_heads=4, intermediate_size=512,
-                        max_position_embeddings=32, type_vocab_size=1,
-                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-                        # No padding_idx: the tokenizer pads with EOS, whose embedding must train.
-                        pad_token_id=None)
-    # The pipeline uses only the hidden states (output[0]), so the pooler never trains; it is
-    # kept anyway because BertModel.from_pretrained (as the pipeline calls it) always builds
-    # one and would otherwise re-initialise it randomly and print a "MISSING" load report.
-    return BertModel(config)
+def build_text_encoder(vocab_size: int) -> CLIPTextModel:
+    vocab, _ = tokenizer_vocab()
+    config = CLIPTextConfig(vocab_size=vocab_size, hidden_size=128, intermediate_size=512, num_hidden_layers=4,
+                            num_attention_heads=4, max_position_embeddings=MAX_LENGTH, projection_dim=128,
+                            bos_token_id=vocab[BOS], eos_token_id=vocab[EOS], pad_token_id=vocab[EOS])
+    return CLIPTextModel(config)
 
 
 def build_unet() -> UNet2DConditionModel:
