@@ -164,7 +164,8 @@ def cross_attention_layers(unet) -> list[str]:
 _RESOLUTION = re.compile(r"^(\d+)(?:x(\d+))?$")
 
 
-def layer_sizes(unet, latent_size: tuple[int, int] | int | None = None) -> dict[str, tuple[int, int]]:
+def layer_sizes(unet, latent_size: tuple[int, int] | int | None = None,
+                names: Iterable[str] | None = None) -> dict[str, tuple[int, int]]:
     """Map size (h, w) of each cross-attention layer for a latent of `latent_size` (default: the UNet's
     `sample_size`), read from the UNet's blocks: every down block with a downsampler halves the size (rounding
     up, like Diffusers' stride-2 convolution), every up block with an upsampler doubles it back."""
@@ -184,7 +185,7 @@ def layer_sizes(unet, latent_size: tuple[int, int] | int | None = None) -> dict[
         levels[f"up_blocks.{i}."] = level
         level -= getattr(block, "upsamplers", None) is not None
     sizes = {}
-    for name in cross_attention_layers(unet):
+    for name in cross_attention_layers(unet) if names is None else names:
         prefix = next((p for p in levels if name.startswith(p)), None)
         if prefix is not None:
             sizes[name] = level_sizes[max(levels[prefix], 0)]
@@ -230,9 +231,12 @@ def install(unet, store: MapStore, factory: ProcessorFactory, layers: str | Iter
     """
     originals = dict(unet.attn_processors)
     cross = _cross_attention_names(unet, originals)
-    sizes = layer_sizes(unet, latent_size)
+    selectors = [layers] if isinstance(layers, str) else list(layers)
+    by_size = any(_RESOLUTION.match(sel.strip()) for sel in selectors)
+    sizes = layer_sizes(unet, latent_size, cross) if by_size else None  # a walk over the UNet only when needed
     chosen = set(match_layers(cross, layers, sizes))
     if not chosen:
+        sizes = sizes or layer_sizes(unet, latent_size, cross)
         example = repr(cross[0]) if cross else "(this UNet has none)"
         found = sorted({f"{h}x{w}" for h, w in sizes.values()}, key=lambda r: -int(r.split("x")[0]))
         shown = layers if isinstance(layers, str) else ", ".join(layers)

@@ -71,3 +71,30 @@ def test_resume_continues_exactly(tmp_path):
     for key in ("unet", "text_encoder", "ema_unet", "vae"):
         for name, tensor in a[key].items():
             assert torch.equal(tensor, b[key][name]), (key, name)
+
+
+def test_context_dropout_replaces_only_the_states_from_end_of_text_on():
+    torch.manual_seed(0)
+    tokenizer = build.build_tokenizer()
+    text_encoder = build.build_text_encoder(len(tokenizer)).eval()
+    ids = train.tokenize(tokenizer, ["a red circle on the left", "a blue square on the top"])
+    empty = train.tokenize(tokenizer, [""])[0]
+    with torch.no_grad():
+        plain = train.encode_text(text_encoder, ids)
+        none = train.encode_text(text_encoder, ids, empty, 0.0)
+        kept = train.encode_text(text_encoder, ids, empty, 1.0, torch.Generator().manual_seed(0))
+        empty_states = text_encoder(empty[None])[0][0]
+    torch.testing.assert_close(none, plain)
+    for i in range(len(ids)):
+        eos = int((ids[i] == text_encoder.config.eos_token_id).nonzero()[0])
+        torch.testing.assert_close(kept[i, :eos], plain[i, :eos])  # the words' own states stay
+        torch.testing.assert_close(kept[i, eos:], empty_states[eos:])  # end-of-text and padding: the empty prompt's
+        assert not torch.allclose(plain[i, eos:], empty_states[eos:])
+
+
+def test_schedules_end_at_pure_noise():
+    # zero terminal SNR: nothing of the image is left at t = T for the model to read the layout from
+    assert float(build.train_scheduler().alphas_cumprod[-1]) == 0.0
+    sampler = build.sample_scheduler()
+    sampler.set_timesteps(20)
+    assert int(sampler.timesteps[0]) == 999  # sampling starts at t = T ("trailing" spacing)

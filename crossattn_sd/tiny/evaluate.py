@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..cli import HelpFormatter
 from .judge import PALETTE_NAMES, half_mask, judge, palette_labels
 from .world import HELDOUT, caption as scene_caption, heldout_scenes
 
@@ -142,7 +143,7 @@ def format_summary(s: dict) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="crossattn-sd eval-tiny", description=__doc__,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--n", type=int, default=144, help="number of held-out captions to generate")
     p.add_argument("--seed", type=int, default=0, help="first noise seed (caption k uses seed + k)")
     p.add_argument("--model", default=None, help="pipeline folder; default: the embedded model")
