@@ -275,3 +275,41 @@ def test_browser_generate_click_a_word_and_stop(server, tmp_path):
         finally:
             browser.close()
     assert all((tmp_path / f"{name}.png").stat().st_size > 0 for name in ("generated", "word", "timeline", "stopped"))
+
+
+def test_compare_runs_both_processors_on_the_same_seed(service):
+    req = GenerateRequest(PROMPT, seed=5, processor="capture", mode="exact")
+    same = service.compare(req, "default")
+    np.testing.assert_array_equal(np.asarray(same.a.image), np.asarray(same.b.image))  # exact = Diffusers
+    assert "max 0 / 255" in same.summary and not same.a.has_maps and same.b.has_maps
+    a, b, diff, note = service.compare_maps(same, "red")
+    assert diff is None and "records no maps" in note
+
+    cmp = service.compare(dataclasses.replace(req, processor="reweight", weights="square:0"), "capture")
+    alone = service.generate(dataclasses.replace(req, processor="reweight", weights="square:0"))
+    np.testing.assert_array_equal(np.asarray(cmp.b.image), np.asarray(alone.image))
+    assert not np.array_equal(np.asarray(cmp.a.image), np.asarray(cmp.b.image))
+    _, _, diff, note = service.compare_maps(cmp, "square")
+    assert diff is not None and "B − A for **square**" in note
+
+
+def test_a_downloaded_bundle_opens_again_with_the_same_maps(service):
+    entry = service.generate(GenerateRequest(PROMPT, seed=9, per_step=True))
+    opened = service.open_bundle(entry.bundle)
+    assert opened.words == entry.words and opened.prompt_words == entry.prompt_words
+    np.testing.assert_array_equal(np.asarray(opened.image), np.asarray(entry.image))
+    for word in entry.words:
+        np.testing.assert_array_equal(opened.result.heatmap(word), entry.result.heatmap(word))
+    f = service.filters(step_from=0, step_to=1)  # per-step maps survive the round trip
+    np.testing.assert_array_equal(np.asarray(service.overlay(opened, "red", f)), np.asarray(service.overlay(entry, "red", f)))
+
+
+def test_history_is_newest_first_and_bounded(service):
+    from crossattn_sd.service import MAX_HISTORY
+
+    entries = [service.generate(GenerateRequest(PROMPT, seed=s, steps=1)) for s in range(3)]
+    history = None
+    for e in entries:
+        history = service.add_to_history(history, e)
+    assert history == entries[::-1]
+    assert len(service.add_to_history(entries * MAX_HISTORY, entries[0])) == MAX_HISTORY
