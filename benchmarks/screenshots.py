@@ -11,13 +11,12 @@ word, and save
 Needs Chromium (Debian: apt-get install chromium) and the playwright package; no browser download.
 """
 
-import argparse
 import os
 import socket
 import sys
 from pathlib import Path
 
-from ui_latency import make_service
+from ui_latency import base_parser, make_service
 
 REPO = Path(__file__).resolve().parent.parent
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
@@ -30,11 +29,7 @@ def free_port() -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="embedded",
-                        help="'embedded' (default), a preset name or a local Diffusers folder")
-    parser.add_argument("--prompt", default=None, help="prompt to generate (default: the preset's first example)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the generation")
+    parser = base_parser(__doc__)
     parser.add_argument("--word", default=None,
                         help="word chip to click (default: the prompt's next word after the one shown first)")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "images", help="folder for the PNGs")

@@ -54,12 +54,18 @@ def png_bytes(values) -> int:
     return total
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def base_parser(description: str) -> argparse.ArgumentParser:
+    """The options this script shares with screenshots.py: which model, prompt and seed to generate."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="embedded",
                         help="'embedded' (default), a preset name or a local Diffusers folder")
     parser.add_argument("--prompt", default=None, help="prompt to generate (default: the preset's first example)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the generation")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = base_parser(__doc__)
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the preset's)")
     parser.add_argument("--repeats", type=int, default=15, help="timed calls per change")
     parser.add_argument("--no-per-step", action="store_true", help="generate without per-step maps (no timeline)")

@@ -12,7 +12,6 @@ A result saves to a folder (and loads back with nothing lost):
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 

@@ -14,10 +14,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import tiny_sd_pipeline, tiny_tokenizer
+from conftest import tiny_tokenizer
 
 from crossattn_sd.config import load_presets
-from crossattn_sd.maps import MapStore
 from crossattn_sd.processors import CaptureProcessor, capture, cross_attention_layers, layer_sizes
 from crossattn_sd.steering import ProcessorSpec, use_processor
 
