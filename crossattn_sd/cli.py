@@ -85,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--share", action="store_true", help="create a public Gradio share link")
     serve.add_argument("--auth", default=None, help="user:password required to use the UI")
     serve.add_argument("--outputs", default="outputs", help="save every generation here ('' to disable)")
+    serve.add_argument("--device", default=None, help="cuda, mps or cpu (default: best available)")
+    serve.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"),
+                       help="model dtype (default: float16 on CUDA for real checkpoints, else float32)")
+    serve.add_argument("--offload", action="store_true", help="model CPU offload via accelerate (saves GPU memory)")
     serve.add_argument("--allow-any-model", action="store_true",
                        help="let --model be any local folder or Hub id, not only a preset")
 
@@ -218,7 +222,8 @@ def cmd_serve(args) -> int:
     from .ui import serve
 
     return serve(host=args.host, port=args.port, model=args.model, share=args.share, auth=args.auth,
-                 outputs=args.outputs or None, allow_any_model=args.allow_any_model)
+                 outputs=args.outputs or None, allow_any_model=args.allow_any_model, device=args.device,
+                 dtype=args.dtype, offload=args.offload)
 
 
 def cmd_presets(args) -> int:

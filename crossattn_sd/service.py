@@ -269,10 +269,10 @@ class AttentionService:
     """
 
     def __init__(self, preset: ModelPreset, *, pipe=None, outputs: str | Path | None = None,
-                 device: str | None = None):
+                 device: str | None = None, dtype: str | None = None, offload: bool = False):
         self.preset = preset
         self.outputs = Path(outputs) if outputs else None
-        self.device = device
+        self.device, self.dtype, self.offload = device, dtype, offload
         self._pipe = pipe
         self._defaults: Defaults | None = None
         self._stops: dict[str, threading.Event] = {}  # session -> stop flag of its pending or running generation
@@ -305,7 +305,7 @@ class AttentionService:
             from .pipeline import load_pipeline
 
             source = self.preset.name if self.preset.name in load_presets() else self.preset.source
-            self._pipe = load_pipeline(source, device=self.device)
+            self._pipe = load_pipeline(source, device=self.device, dtype=self.dtype, offload=self.offload)
         return self._pipe
 
     def defaults(self) -> Defaults:

@@ -420,8 +420,10 @@ def launch(demo: gr.Blocks, **kwargs):
 
 
 def serve(host: str = "127.0.0.1", port: int = 7860, model: str | None = None, share: bool = False,
-          auth: str | None = None, outputs: str | None = "outputs", allow_any_model: bool = False) -> int:
+          auth: str | None = None, outputs: str | None = "outputs", allow_any_model: bool = False,
+          device: str | None = None, dtype: str | None = None, offload: bool = False) -> int:
     """Run the web UI until interrupted (what `crossattn-sd serve` and `python app.py` call)."""
-    service = AttentionService.from_model(model, allow_any_model=allow_any_model, outputs=outputs or None)
+    service = AttentionService.from_model(model, allow_any_model=allow_any_model, outputs=outputs or None,
+                                          device=device, dtype=dtype, offload=offload)
     launch(build_demo(service), server_name=host, server_port=port, share=share, auth=parse_auth(auth))
     return 0

@@ -364,3 +364,23 @@ def test_an_uncached_hub_id_offline_says_how_to_work_offline(monkeypatch):
     message = str(err.value)
     assert "crossattn-sd-tests/no-such-model" in message
     assert "HF_HUB_OFFLINE=1" in message and "hf download" in message
+
+
+def test_serve_passes_model_device_dtype_and_offload_to_the_pipeline(fake_hub, monkeypatch):
+    # what `python app.py --model sd15 --dtype bfloat16 --offload` does, short of serving: the UI's service
+    # loads the preset's Hub source (from the cache, here the fake hub) with the chosen device settings
+    import crossattn_sd.ui as ui
+
+    launched = []
+    monkeypatch.setattr(ui, "launch", lambda demo, **kw: launched.append((demo, kw)))
+    built = []
+    monkeypatch.setattr(ui, "build_demo", lambda service: built.append(service) or "demo")
+    from crossattn_sd.cli import main
+
+    no_accelerator(monkeypatch, cuda=True)
+    assert main(["serve", "--model", "sd15", "--dtype", "bfloat16", "--offload", "--outputs", "", "--port", "7999"]) == 0
+    (service,), ((demo, kw),) = built, launched
+    assert demo == "demo" and kw["server_port"] == 7999 and kw["server_name"] == "127.0.0.1"
+    pipe = service.pipe
+    assert pipe.source == load_presets()["sd15"].source
+    assert (pipe.dtype, pipe.offloaded) == (torch.bfloat16, True)
