@@ -40,6 +40,27 @@ GENERATE_HELP = {
 }
 
 
+def _naming_range_errors(component: type) -> type:
+    """`component` whose out-of-range error names the input: Gradio's own check says only "Value 0 is less than
+    minimum value 1". A template of the stock component (`is_template`), so the front end is unchanged."""
+
+    class Named(component):
+        is_template = True
+
+        def preprocess(self, payload):
+            try:
+                return super().preprocess(payload)
+            except gr.Error as err:
+                raise gr.Error(f"{self.label}: {err.message}", print_exception=False) from None
+
+    Named.__name__ = Named.__qualname__ = component.__name__
+    return Named
+
+
+Slider = _naming_range_errors(gr.Slider)
+Number = _naming_range_errors(gr.Number)
+
+
 def _user_errors(fn: Callable) -> Callable:
     """Show the service's ValueErrors (bad input) as Gradio error messages. A stopped generation is not an
     error: it leaves every output as it was (an error would cover the previous images) and says so."""
@@ -263,14 +284,14 @@ def build_demo(service: AttentionService) -> gr.Blocks:
                     gr.Examples([[e] for e in d.examples], inputs=[prompt], label="Example prompts")
                 with gr.Accordion("Image settings", open=True):
                     with gr.Row(equal_height=True):
-                        seed = gr.Number(0, label="Seed", precision=0, minimum=0, maximum=MAX_SEED, scale=4)
+                        seed = Number(0, label="Seed", precision=0, minimum=0, maximum=MAX_SEED, scale=4)
                         dice = gr.Button("Random", scale=1, min_width=90)
                     with gr.Row():
-                        steps = gr.Slider(1, d.max_steps, d.steps, step=1, label="Steps")
-                        guidance = gr.Slider(0, d.max_guidance, d.guidance, step=0.1, label="Guidance scale")
+                        steps = Slider(1, d.max_steps, d.steps, step=1, label="Steps")
+                        guidance = Slider(0, d.max_guidance, d.guidance, step=0.1, label="Guidance scale")
                     with gr.Row():
-                        width = gr.Slider(d.size_step, d.max_side, d.width, step=d.size_step, label="Width")
-                        height = gr.Slider(d.size_step, d.max_side, d.height, step=d.size_step, label="Height")
+                        width = Slider(d.size_step, d.max_side, d.width, step=d.size_step, label="Width")
+                        height = Slider(d.size_step, d.max_side, d.height, step=d.size_step, label="Height")
                     with gr.Row():
                         scheduler = gr.Dropdown(list(d.schedulers), value=d.scheduler, label="Scheduler")
                         per_step = gr.Checkbox(d.per_step, label="Keep per-step maps",
@@ -285,7 +306,7 @@ def build_demo(service: AttentionService) -> gr.Blocks:
                                          info="word:weight pairs; 1 leaves a word alone, 0 removes it")
                     edit_prompt = gr.Textbox("", label="Edited prompt", visible=False,
                                              placeholder="the prompt with a word changed")
-                    inject = gr.Slider(0, 1, 0.8, step=0.05, label="Injection", visible=False,
+                    inject = Slider(0, 1, 0.8, step=0.05, label="Injection", visible=False,
                                        info="fraction of steps that reuse the source's maps")
                     processor_layers = gr.Textbox("*", label="Apply to layers", elem_id="processor-layers",
                                                   info="'*' for all; layer patterns such as 'up_blocks.*' or map "
@@ -344,11 +365,11 @@ def build_demo(service: AttentionService) -> gr.Blocks:
                         layers = gr.CheckboxGroup([], label="Layers", scale=3)
                         resolutions = gr.CheckboxGroup([], label="Resolutions", scale=1)
                     with gr.Row():
-                        step_from = gr.Slider(1, 2, 1, step=1, label="From step", interactive=False)
-                        step_to = gr.Slider(1, 2, 2, step=1, label="To step", interactive=False)
+                        step_from = Slider(1, 2, 1, step=1, label="From step", interactive=False)
+                        step_to = Slider(1, 2, 2, step=1, label="To step", interactive=False)
                         head = gr.Dropdown(["mean"], value="mean", label="Heads")
                     with gr.Row():
-                        alpha = gr.Slider(0, 1, 0.5, step=0.05, label="Overlay opacity")
+                        alpha = Slider(0, 1, 0.5, step=0.05, label="Overlay opacity")
                         cmap = gr.Dropdown(list(d.cmaps), value=d.cmaps[0], label="Colour map")
 
         # -- wiring ------------------------------------------------------------------------------------------

@@ -143,14 +143,16 @@ def test_parallel_clients_get_their_own_maps(server, service):
 @pytest.mark.parametrize("kwargs,named", [
     (dict(prompt=""), "the prompt is empty"),
     (dict(prompt="x" * (MAX_PROMPT_CHARS + 1)), f"{MAX_PROMPT_CHARS + 1} characters"),
-    (dict(steps=0), "Value 0 is less than minimum value 1"),  # Gradio's slider bounds answer first
-    (dict(steps=1000), "Value 1000 is greater than maximum value"),
+    (dict(steps=0), "Steps: Value 0 is less than minimum value 1"),  # Gradio's slider bounds, named by us
+    (dict(steps=1000), "Steps: Value 1000 is greater than maximum value"),
     (dict(width=36), "width=36 is not a multiple of 8"),
-    (dict(width=4096), "Value 4096 is greater than maximum value 64"),
-    (dict(guidance=-1), "Value -1 is less than minimum value 0"),
+    (dict(width=4096), "Width: Value 4096 is greater than maximum value 64"),
+    (dict(guidance=-1), "Guidance scale: Value -1 is less than minimum value 0"),
+    (dict(seed=-5), "Seed: Value -5 is less than minimum value 0"),
     (dict(scheduler="warp"), "warp is not in the list of choices"),
     (dict(processor_layers="12"), "layers='12' matches no cross-attention layer"),
-], ids=["empty", "huge", "steps-0", "steps-1000", "width-multiple", "width-range", "guidance", "scheduler", "layers"])
+], ids=["empty", "huge", "steps-0", "steps-1000", "width-multiple", "width-range", "guidance", "seed", "scheduler",
+        "layers"])
 def test_bad_generate_input_is_an_error_naming_it(client, kwargs, named):
     with pytest.raises(Exception, match=named):
         client.predict(**{"prompt": PROMPT, **kwargs}, api_name="/generate")
