@@ -7,6 +7,7 @@ the images, the prompt's word alignment and the recorded maps.
 
 from __future__ import annotations
 
+import inspect
 import math
 import threading
 import warnings
@@ -137,6 +138,17 @@ def size_multiple(pipe) -> int:
     return factor * 8 // math.gcd(factor, 8)
 
 
+def schedulers_for(pipe) -> list[str]:
+    """The names in `SCHEDULERS` that can sample `pipe`'s model: all of them, except that a model trained on a
+    zero-terminal-SNR schedule (like the embedded one) needs a scheduler that supports `rescale_betas_zero_snr`."""
+    if not pipe.scheduler.config.get("rescale_betas_zero_snr"):
+        return list(SCHEDULERS)
+    import diffusers
+
+    return [n for n, c in SCHEDULERS.items()
+            if c is None or "rescale_betas_zero_snr" in inspect.signature(getattr(diffusers, c).__init__).parameters]
+
+
 def _make_scheduler(pipe, name: str | None):
     if name is None or SCHEDULERS.get(name) is None:
         if name is not None and name not in SCHEDULERS:
@@ -147,7 +159,12 @@ def _make_scheduler(pipe, name: str | None):
     # PNDM as Stable Diffusion configures it (PLMS only): its Runge-Kutta warm-up fails below 4 steps and costs
     # 4 UNet calls a step, and a config from another scheduler would turn it on.
     extra = {"skip_prk_steps": True} if name == "pndm" else {}
-    return getattr(diffusers, SCHEDULERS[name]).from_config(pipe.scheduler.config, **extra)
+    cls = getattr(diffusers, SCHEDULERS[name])
+    if name not in schedulers_for(pipe):
+        # the model was trained to start from pure noise (SNR 0 at t=T); this scheduler would start elsewhere
+        raise ValueError(f"scheduler {name!r} cannot follow this model's zero-terminal-SNR noise schedule; "
+                         f"use one of {', '.join(schedulers_for(pipe))}")
+    return cls.from_config(pipe.scheduler.config, **extra)
 
 
 def _check_int(name: str, value, low: int, high: int | None = None, hint: str = "") -> int:

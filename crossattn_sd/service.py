@@ -315,7 +315,7 @@ class AttentionService:
         return self._defaults
 
     def _make_defaults(self) -> Defaults:
-        from .pipeline import SCHEDULERS, size_multiple
+        from .pipeline import schedulers_for, size_multiple
         from .processors import MODES
         from .steering import PROCESSORS
 
@@ -330,7 +330,7 @@ class AttentionService:
             model=p.name, description=p.description, steps=min(p.steps, MAX_STEPS), guidance=p.guidance,
             height=fit(p.height), width=fit(p.width), max_side=max_side, size_step=step,
             scheduler=p.scheduler or "default", per_step=p.source == EMBEDDED, examples=tuple(p.examples),
-            schedulers=tuple(SCHEDULERS), processors=PROCESSORS, modes=MODES,
+            schedulers=tuple(schedulers_for(self.pipe)), processors=PROCESSORS, modes=MODES,
         )
 
     @staticmethod

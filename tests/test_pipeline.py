@@ -34,6 +34,22 @@ def test_pndm_runs_with_few_steps(pipe):
     assert result.settings["scheduler_class"] == "PNDMScheduler" and result.store.num_steps == 1
 
 
+def test_a_zero_terminal_snr_model_refuses_a_scheduler_that_cannot_follow_it():
+    """The embedded model is trained with `rescale_betas_zero_snr`; PNDM has no such option and would sample it
+    from the wrong noise levels, so it is neither offered nor accepted, and the error names what works."""
+    from crossattn_sd.pipeline import SCHEDULERS, schedulers_for
+
+    zsnr = tiny_sd_pipeline()
+    zsnr.scheduler = type(zsnr.scheduler).from_config(zsnr.scheduler.config, rescale_betas_zero_snr=True)
+    usable = schedulers_for(zsnr)
+    assert "pndm" not in usable and {"default", "dpm++", "euler", "ddim"} <= set(usable)
+    assert schedulers_for(tiny_sd_pipeline()) == list(SCHEDULERS)
+    with pytest.raises(ValueError, match="'pndm' cannot follow .* use one of default, dpm"):
+        generate(zsnr, PROMPT, steps=1, scheduler="pndm", **KW)
+    result = generate(zsnr, PROMPT, steps=2, scheduler="euler", **KW)
+    assert result.settings["scheduler_class"] == "EulerDiscreteScheduler"
+
+
 @pytest.mark.parametrize("spec", PROCESSORS, ids=lambda s: s.name)
 def test_cancel_raises_and_restores_processors_and_scheduler(pipe, spec):
     before, scheduler = dict(pipe.unet.attn_processors), pipe.scheduler
