@@ -49,6 +49,23 @@ def test_judge_accepts_every_ground_truth_scene():
                     assert judge(render(scene), scene).ok, (c, s, p, half)
 
 
+def test_evaluation_masks_are_exact_on_ground_truth():
+    """The evaluation segments each object from the image by colour within its half: on a rendered scene that
+    is the object's true mask, pixel for pixel, and a map equal to that mask scores IoU 1 (the other object 0)."""
+    from crossattn_sd.tiny import evaluate
+
+    rng = np.random.default_rng(3)
+    for pair in all_two_object_kinds()[::7]:
+        scene = Scene(tuple(place(*o, rng=rng) for o in pair))
+        img = render(scene)
+        for i, obj in enumerate(scene.objects):
+            mask = evaluate.object_mask(img, obj.colour, obj.position)
+            assert np.array_equal(mask, object_mask(obj, 64)), pair
+            heat = mask.astype(np.float32) * 0.9 + 0.05
+            assert evaluate.iou(evaluate.region(heat), mask) == 1.0
+            assert evaluate.iou(evaluate.region(heat), object_mask(scene.objects[1 - i], 64)) == 0.0
+
+
 def test_judge_rejects_negatives():
     rng = np.random.default_rng(2)
     for _ in range(100):

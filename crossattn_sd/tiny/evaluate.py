@@ -4,7 +4,8 @@ Prints (a) generation accuracy: per object, is its colour present in its named h
 recognisable; per caption, are all objects right (and no stray colours); and (b) localisation: for colour and
 shape words, the IoU of the word's heat map thresholded at 0.4 x its maximum against the object's mask (its
 colour's pixels in its named half of the generated image), next to two baselines (a uniform map, a centred
-Gaussian) and a control (the same heat map against the *other* object's mask).
+Gaussian) and a control (the same heat map against the *other* object's mask); with the default (all
+layers) it also breaks the map's IoU down by the resolution of the layers it comes from.
 
     crossattn-sd eval-tiny --n 144 --seed 0
 """
@@ -115,6 +116,10 @@ def evaluate(pipe, n: int = 144, seed: int = 0, steps: int | None = None, guidan
                     continue
                 m = region(result.heatmap(word, occurrence=occurrence, resolutions=resolutions))
                 tally.iou[f"{kind}/map"].append(iou(m, masks[i]))
+                if resolutions is None:  # the same map from each resolution's layers alone
+                    for hw in result.store.resolutions():
+                        one = region(result.heatmap(word, occurrence=occurrence, resolutions=[hw]))
+                        tally.iou.setdefault(f"{kind}/map@{hw[0]}x{hw[1]}", []).append(iou(one, masks[i]))
                 tally.iou[f"{kind}/uniform"].append(iou(uniform, masks[i]))
                 tally.iou[f"{kind}/gaussian"].append(iou(gauss, masks[i]))
                 if other is not None and other.any():
@@ -138,6 +143,13 @@ def format_summary(s: dict) -> str:
         ratio = f"{vals['map'] / best:.2f}x" if best and vals["map"] is not None else "-"
         lines.append(f"{kind:8s} {fmt(vals['map']):>7s} {fmt(vals['uniform']):>8s} {fmt(vals['gaussian']):>9s} "
                      f"{fmt(vals['other']):>10s} {ratio:>9s}   {s[f'n/{kind}/map']}")
+    by_size = sorted({k.split("@")[1] for k in s if k.startswith("iou/") and "@" in k},
+                     key=lambda hw: -int(hw.split("x")[0]))
+    if by_size:
+        lines += ["", "mean IoU of the map from one resolution's layers alone",
+                  f"{'word':8s} " + " ".join(f"{hw:>7s}" for hw in by_size)]
+        for kind in ("colour", "shape"):
+            lines.append(f"{kind:8s} " + " ".join(f"{s[f'iou/{kind}/map@{hw}']:7.3f}" for hw in by_size))
     return "\n".join(lines)
 
 
