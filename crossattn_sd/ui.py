@@ -40,25 +40,28 @@ GENERATE_HELP = {
 }
 
 
-def _naming_range_errors(component: type) -> type:
-    """`component` whose out-of-range error names the input: Gradio's own check says only "Value 0 is less than
-    minimum value 1". A template of the stock component (`is_template`), so the front end is unchanged."""
+def _naming_range_errors(component: gr.components.Component) -> gr.components.Component:
+    """`component`, whose out-of-range error names the input: Gradio's own check says only "Value 0 is less than
+    minimum value 1". Wraps the instance's `preprocess` (Gradio calls it on the instance): a subclass would make
+    Gradio's component metaclass write a `ui.pyi` stub next to this module at import."""
+    preprocess = component.preprocess
 
-    class Named(component):
-        is_template = True
+    def named(payload):
+        try:
+            return preprocess(payload)
+        except gr.Error as err:
+            raise gr.Error(f"{component.label}: {err.message}", print_exception=False) from None
 
-        def preprocess(self, payload):
-            try:
-                return super().preprocess(payload)
-            except gr.Error as err:
-                raise gr.Error(f"{self.label}: {err.message}", print_exception=False) from None
-
-    Named.__name__ = Named.__qualname__ = component.__name__
-    return Named
+    component.preprocess = named
+    return component
 
 
-Slider = _naming_range_errors(gr.Slider)
-Number = _naming_range_errors(gr.Number)
+def Slider(*args, **kwargs) -> gr.Slider:  # noqa: N802 (stands in for the component class)
+    return _naming_range_errors(gr.Slider(*args, **kwargs))
+
+
+def Number(*args, **kwargs) -> gr.Number:  # noqa: N802
+    return _naming_range_errors(gr.Number(*args, **kwargs))
 
 
 def _user_errors(fn: Callable) -> Callable:

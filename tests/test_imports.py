@@ -39,3 +39,16 @@ def test_lazy_names_resolve():
         assert getattr(crossattn_sd, name) is not None
     with pytest.raises(AttributeError, match="has no attribute 'nope'"):
         crossattn_sd.nope
+
+
+def test_importing_the_ui_writes_nothing_into_the_package():
+    """Gradio's component metaclass writes a `.pyi` stub next to the module of any component subclass; the UI
+    defines none, so an installed package stays as installed."""
+    from pathlib import Path
+
+    import crossattn_sd
+
+    package = Path(crossattn_sd.__file__).parent
+    before = {p for p in package.rglob("*") if "__pycache__" not in p.parts}
+    loaded_after(["crossattn_sd.ui"], [])
+    assert {p for p in package.rglob("*") if "__pycache__" not in p.parts} == before
