@@ -5,7 +5,7 @@
 
 Writes
     docs/images/words.png     a caption's image and each content word's map (all layers, all steps)
-    docs/images/reweight.png  the same prompt and seed with capture and with re-weighted words
+    docs/images/reweight.png  a prompt and seed with capture and with a re-weighted word
     docs/images/edit.png      prompt-to-prompt colour swap: source, edit with injected maps, edit prompt alone
 and prints what the pixel judge (crossattn_sd/tiny/judge.py) says of each image, so the captions of the
 figures in the README state measured facts.
@@ -38,7 +38,7 @@ def sheet(tiles: list[Image.Image], pad: int = 4) -> Image.Image:
 
 def verdict(image: Image.Image, kinds) -> str:
     v = judge(np.asarray(image), kinds)
-    return "; ".join(f"{c} {s} {p}: colour {'ok' if o.colour_ok else 'MISSING'}, shape {o.shape or '-'}"
+    return "; ".join(f"{c} {s} {p}: colour {'in its half' if o.colour_ok else 'NOT in its half'}, shape {o.shape or '-'}"
                      for (c, s, p), o in zip(kinds, v.objects))
 
 
@@ -46,7 +46,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="pipeline folder (default: the embedded model)")
     p.add_argument("--seed", type=int, default=0, help="seed of every figure")
-    p.add_argument("--weights", default="blue:0", help="re-weighting shown in reweight.png")
+    p.add_argument("--weights", default="left:0", help="re-weighting shown in reweight.png")
+    p.add_argument("--reweight-prompt", default="a red circle on the left", help="prompt of reweight.png")
     p.add_argument("--edit", default="a green circle on the left and a blue square on the right",
                    help="edited prompt shown in edit.png (a colour word swapped)")
     p.add_argument("--inject", type=float, default=0.8, help="injection fraction of the edit")
@@ -62,11 +63,15 @@ def main(argv=None) -> int:
     print(f"words.png    {CAPTION!r} seed {args.seed}: {verdict(base.images[0], KINDS)}")
 
     spec = ProcessorSpec("reweight", weights=parse_weights(args.weights))
-    rw = crossattn_sd.generate(pipe, CAPTION, seed=args.seed, processor=spec)
-    diff = np.abs(np.asarray(rw.images[0], np.int16) - np.asarray(base.images[0], np.int16)).max(-1) > 30
-    sheet([captioned(base.images[0], "capture", scale), captioned(rw.images[0], f"reweight {args.weights}", scale)]
+    plain = crossattn_sd.generate(pipe, args.reweight_prompt, seed=args.seed)
+    rw = crossattn_sd.generate(pipe, args.reweight_prompt, seed=args.seed, processor=spec)
+    diff = np.abs(np.asarray(rw.images[0], np.int16) - np.asarray(plain.images[0], np.int16)).max(-1) > 30
+    sheet([captioned(plain.images[0], "capture", scale), captioned(rw.images[0], f"reweight {args.weights}", scale)]
           ).save(args.out / "reweight.png")
-    print(f"reweight.png {args.weights}: {diff.mean():.1%} of pixels changed; {verdict(rw.images[0], KINDS)}")
+    words = args.reweight_prompt.split()
+    kinds = [(words[1], words[2], words[-1])]  # "a {colour} {shape} on the {position}"
+    print(f"reweight.png {args.reweight_prompt!r} {args.weights}: {diff.mean():.1%} of pixels changed")
+    print(f"             capture:  {verdict(plain.images[0], kinds)}; reweight: {verdict(rw.images[0], kinds)}")
 
     spec = ProcessorSpec("edit", edit_prompt=args.edit, inject=args.inject)
     ed = crossattn_sd.generate(pipe, CAPTION, seed=args.seed, processor=spec)
