@@ -36,9 +36,16 @@ def sheet(tiles: list[Image.Image], pad: int = 4) -> Image.Image:
     return out
 
 
+def kinds_of(prompt: str) -> list[tuple[str, str, str]]:
+    """(colour, shape, position) of each object of a shapes-world caption "a {colour} {shape} on the {position}"."""
+    parts = [part.split() for part in prompt.split(" and ")]
+    return [(w[1], w[2], w[-1]) for w in parts]
+
+
 def verdict(image: Image.Image, kinds) -> str:
     v = judge(np.asarray(image), kinds)
-    return "; ".join(f"{c} {s} {p}: colour {'in its half' if o.colour_ok else 'NOT in its half'}, shape {o.shape or '-'}"
+    return "; ".join(f"{c} {s} {p}: colour {'in its half' if o.colour_ok else 'NOT in its half'}, "
+                     f"shape found: {o.found_shape or 'none'}, {o.pixels} px"
                      for (c, s, p), o in zip(kinds, v.objects))
 
 
@@ -46,8 +53,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="pipeline folder (default: the embedded model)")
     p.add_argument("--seed", type=int, default=0, help="seed of every figure")
-    p.add_argument("--weights", default="left:0", help="re-weighting shown in reweight.png")
-    p.add_argument("--reweight-prompt", default="a red circle on the left", help="prompt of reweight.png")
+    p.add_argument("--weights", default="square:5", help="re-weighting shown in reweight.png")
+    p.add_argument("--reweight-prompt", default=CAPTION, help="prompt of reweight.png")
     p.add_argument("--edit", default="a green circle on the left and a blue square on the right",
                    help="edited prompt shown in edit.png (a colour word swapped)")
     p.add_argument("--inject", type=float, default=0.8, help="injection fraction of the edit")
@@ -68,8 +75,7 @@ def main(argv=None) -> int:
     diff = np.abs(np.asarray(rw.images[0], np.int16) - np.asarray(plain.images[0], np.int16)).max(-1) > 30
     sheet([captioned(plain.images[0], "capture", scale), captioned(rw.images[0], f"reweight {args.weights}", scale)]
           ).save(args.out / "reweight.png")
-    words = args.reweight_prompt.split()
-    kinds = [(words[1], words[2], words[-1])]  # "a {colour} {shape} on the {position}"
+    kinds = kinds_of(args.reweight_prompt)
     print(f"reweight.png {args.reweight_prompt!r} {args.weights}: {diff.mean():.1%} of pixels changed")
     print(f"             capture:  {verdict(plain.images[0], kinds)}; reweight: {verdict(rw.images[0], kinds)}")
 
