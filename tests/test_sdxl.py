@@ -74,6 +74,9 @@ def test_reweight_and_edit_steer_sdxl(results):
             > 1.5 * plain.heatmap("circle", normalize_by="none").sum())
 
     edited = results["edit"]
-    assert len(edited.images) == 2 and np.array_equal(pixels(edited, 0), pixels(plain))
+    # the source runs in a batch of two prompts: CPU kernels may round differently by batch size (seen: 1/255 on
+    # 0.02% of the pixels on one machine, none on another), so the source matches the plain image to within 1
+    assert len(edited.images) == 2
+    assert np.abs(pixels(edited, 0).astype(int) - pixels(plain)).max() <= 1
     assert list(edited.word_maps(1)) == ["a", "blue", "circle", "on", "the", "left"]
     assert edited.heatmap("blue", image_index=1).shape == (H, W)
