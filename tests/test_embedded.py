@@ -81,3 +81,5 @@ def test_eval_tiny_runs_on_the_shipped_model_and_reports_every_figure(tmp_path, 
         assert s[f"n/{kind}/map"] >= 1
         assert 0 <= s[f"iou/{kind}/map"] <= 1 and s[f"iou/{kind}/uniform"] < 0.2  # an object is a fraction of the image
         assert {k for k in s if k.startswith(f"iou/{kind}/map@")} == {f"iou/{kind}/map@{n}x{n}" for n in (16, 8, 4)}
+        assert {k for k in s if k.startswith(f"iou/{kind}/map#")} == {f"iou/{kind}/map#1", f"iou/{kind}/map#2"}
+    assert "place in a two-object caption" in text

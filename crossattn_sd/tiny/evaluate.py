@@ -5,7 +5,8 @@ recognisable; per caption, are all objects right (and no stray colours); and (b)
 shape words, the IoU of the word's heat map thresholded at 0.4 x its maximum against the object's mask (its
 colour's pixels in its named half of the generated image), next to two baselines (a uniform map, a centred
 Gaussian) and a control (the same heat map against the *other* object's mask); with the default (all
-layers) it also breaks the map's IoU down by the resolution of the layers it comes from.
+layers) it also breaks the map's IoU down by the resolution of the layers it comes from, and by the object's
+place in the caption (first or second mentioned).
 
     crossattn-sd eval-tiny --n 144 --seed 0
 """
@@ -116,6 +117,8 @@ def evaluate(pipe, n: int = 144, seed: int = 0, steps: int | None = None, guidan
                     continue
                 m = region(result.heatmap(word, occurrence=occurrence, resolutions=resolutions))
                 tally.iou[f"{kind}/map"].append(iou(m, masks[i]))
+                if len(kinds) == 2:  # by the object's place in the caption (the text encoder is causal)
+                    tally.iou.setdefault(f"{kind}/map#{i + 1}", []).append(iou(m, masks[i]))
                 if resolutions is None:  # the same map from each resolution's layers alone
                     for hw in result.store.resolutions():
                         one = region(result.heatmap(word, occurrence=occurrence, resolutions=[hw]))
@@ -150,6 +153,11 @@ def format_summary(s: dict) -> str:
                   f"{'word':8s} " + " ".join(f"{hw:>7s}" for hw in by_size)]
         for kind in ("colour", "shape"):
             lines.append(f"{kind:8s} " + " ".join(f"{s[f'iou/{kind}/map@{hw}']:7.3f}" for hw in by_size))
+    if s.get("iou/colour/map#1") is not None:
+        lines += ["", "mean IoU by the object's place in a two-object caption",
+                  f"{'word':8s} {'first':>7s} {'second':>7s}"]
+        for kind in ("colour", "shape"):
+            lines.append(f"{kind:8s} " + " ".join(f"{s[f'iou/{kind}/map#{k}']:7.3f}" for k in (1, 2)))
     return "\n".join(lines)
 
 
