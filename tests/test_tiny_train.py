@@ -98,3 +98,25 @@ def test_schedules_end_at_pure_noise():
     sampler = build.sample_scheduler()
     sampler.set_timesteps(20)
     assert int(sampler.timesteps[0]) == 999  # sampling starts at t = T ("trailing" spacing)
+
+
+def test_init_from_starts_a_new_run_from_a_pipeline_folders_weights(tmp_path, capsys):
+    assert train.main(["--out", str(tmp_path / "a"), *SMOKE]) == 0
+    folder = tmp_path / "a" / "pipeline"
+    a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)
+    # no steps: what is saved is exactly what was loaded (the export holds the EMA weights)
+    assert train.main(["--out", str(tmp_path / "b"), *SMOKE, "--init-from", str(folder), "--stop-after", "0"]) == 0
+    b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)
+    assert b["step"] == 0 and b["scaling_factor"] == a["scaling_factor"]
+    for key, source in (("vae", "vae"), ("unet", "ema_unet"), ("ema_unet", "ema_unet"),
+                        ("text_encoder", "ema_text_encoder")):
+        for name, tensor in a[source].items():
+            assert torch.equal(tensor, b[key][name]), (key, name)
+    # then it trains
+    assert train.main(["--out", str(tmp_path / "c"), *SMOKE, "--init-from", str(folder)]) == 0
+    c = torch.load(tmp_path / "c" / "checkpoint.pt", weights_only=False)
+    assert c["step"] == 4 and not all(torch.equal(t, c["unet"][n]) for n, t in a["ema_unet"].items())
+    capsys.readouterr()
+    assert train.main(["--out", str(tmp_path / "d"), *SMOKE, "--init-from", str(tmp_path), "--stop-after", "0"]) == 2
+    assert "no model_index.json" in capsys.readouterr().err
+    assert train.main(["--out", str(tmp_path / "a"), *SMOKE, "--init-from", str(folder), "--resume"]) == 2

@@ -11,7 +11,9 @@ pipeline encodes as the unconditional prompt). Held-out scene types are never tr
 Every --checkpoint-minutes the full state goes to OUT/checkpoint.pt (atomically) and the EMA
 weights are exported as a diffusers StableDiffusionPipeline folder (atomically), so the
 latest model is usable at any time. --resume continues exactly where the checkpoint left
-off; the pool is regenerated from the seed rather than stored.
+off; the pool is regenerated from the seed rather than stored. --init-from starts a new run
+(fresh optimiser and schedule) from a pipeline folder's weights, e.g. the shipped model, to
+fine-tune it when no checkpoint is at hand.
 
 On the 2-core VM run it with glibc malloc tuned, or steps are ~20x slower:
 
@@ -49,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="total UNet steps; also the length of the cosine LR schedule")
     p.add_argument("--vae-steps", type=int, default=1000, help="VAE training steps (stage 1)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--init-from", default=None, metavar="FOLDER",
+                   help="start from this pipeline folder's VAE, text encoder and UNet (an export of this trainer or "
+                        "crossattn_sd/tiny/weights) with a fresh optimiser and schedule; skips the VAE stage")
     p.add_argument("--seed", type=int, default=0, help="seed for data, init and noise")
     p.add_argument("--batch-size", type=int, default=64, help="UNet batch size")
     p.add_argument("--vae-batch-size", type=int, default=8, help="VAE batch size")
@@ -208,6 +213,21 @@ def palette_accuracy(vae, seed: int, n: int = 256, p_two: float = 0.7) -> float:
 
 # ----------------------------------------------------------------------------- checkpoints
 
+def load_weights(folder: Path, *, vae, text_encoder, unet) -> None:
+    """Load a pipeline folder's VAE (with its scaling factor), text encoder and UNet into this trainer's models,
+    as float32. The folder's models must have this trainer's architecture."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    if not (folder / "model_index.json").is_file():
+        raise ValueError("not a pipeline folder (no model_index.json); give an export such as runs/tiny/pipeline")
+    for model, cls, sub in ((vae, AutoencoderKL, "vae"), (text_encoder, CLIPTextModel, "text_encoder"),
+                            (unet, UNet2DConditionModel, "unet")):
+        source = cls.from_pretrained(folder / sub)
+        model.load_state_dict({k: v.float() for k, v in source.state_dict().items()})
+    vae.register_to_config(scaling_factor=float(AutoencoderKL.load_config(folder / "vae")["scaling_factor"]))
+
+
 def save_checkpoint(path: Path, state: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(state, tmp)
@@ -240,6 +260,10 @@ def main(argv: list[str] | None = None) -> int:
                       f"checkpoint's {ckpt['args'][key]}", file=sys.stderr)
                 return 2
 
+    if args.init_from is not None and args.resume:
+        print("--init-from starts a new run and --resume continues one: give only one of them", file=sys.stderr)
+        return 2
+
     torch.manual_seed(args.seed)  # model initialisation
     tokenizer = build.build_tokenizer()
     vae = build.build_vae()
@@ -247,6 +271,13 @@ def main(argv: list[str] | None = None) -> int:
     unet = build.build_unet()
     print(f"params: unet {build.n_params(unet):,} text encoder {build.n_params(text_encoder):,} "
           f"vae {build.n_params(vae):,}", flush=True)
+    if args.init_from is not None:
+        try:
+            load_weights(Path(args.init_from), vae=vae, text_encoder=text_encoder, unet=unet)
+        except (OSError, RuntimeError, ValueError) as e:
+            print(f"--init-from {args.init_from}: {e}", file=sys.stderr)
+            return 2
+        print(f"initialised from {args.init_from}", flush=True)
     last_save = time.time()
 
     # Stage 1: VAE.
@@ -254,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
         vae.load_state_dict(ckpt["vae"])
         vae.register_to_config(scaling_factor=ckpt["scaling_factor"])
         print(f"resumed: VAE done (palette accuracy {ckpt['vae_palette_accuracy']:.5f})", flush=True)
+    elif args.init_from is not None:
+        pass  # the folder's VAE and its scaling factor, which its UNet was trained with
     else:
         train_vae(vae, args)
         last_save = time.time()
@@ -266,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     # Stage 2: UNet + text encoder on pre-encoded posterior means.
     t0 = time.time()
     pool = Pool(vae, tokenizer, args.seed, args.pool_size, args.p_two)
-    if ckpt is None or not ckpt["vae_done"]:
+    if (ckpt is None or not ckpt["vae_done"]) and args.init_from is None:
         # Unit-variance UNet inputs: scale by 1 / std of the latent means.
         vae.register_to_config(scaling_factor=float(1.0 / pool.latents.std()))
     scaling = vae.config.scaling_factor
