@@ -4,6 +4,8 @@ The fixed caption and seed below are a regression check of the shipped weights (
 world's captions; `crossattn-sd eval-tiny` measures the model on held-out captions).
 """
 
+import json
+
 import numpy as np
 import pytest
 
@@ -73,8 +75,6 @@ def test_eval_tiny_runs_on_the_shipped_model_and_reports_every_figure(tmp_path, 
     assert main(["eval-tiny", "--n", "2", "--json", str(out)]) == 0
     text = capsys.readouterr().out
     assert "whole caption right" in text and "one resolution's layers alone" in text
-    import json
-
     s = json.loads(out.read_text())
     assert s["captions"] == 2 and 0 <= s["caption_accuracy"] <= 1
     for kind in ("colour", "shape"):

@@ -243,6 +243,9 @@ def export(folder: Path, vae, ema_text_encoder, tokenizer, ema_unet) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.init_from is not None and args.resume:
+        print("--init-from starts a new run and --resume continues one: give only one of them", file=sys.stderr)
+        return 2
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -260,10 +263,6 @@ def main(argv: list[str] | None = None) -> int:
                       f"checkpoint's {ckpt['args'][key]}", file=sys.stderr)
                 return 2
 
-    if args.init_from is not None and args.resume:
-        print("--init-from starts a new run and --resume continues one: give only one of them", file=sys.stderr)
-        return 2
-
     torch.manual_seed(args.seed)  # model initialisation
     tokenizer = build.build_tokenizer()
     vae = build.build_vae()
@@ -279,27 +278,28 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print(f"initialised from {args.init_from}", flush=True)
     last_save = time.time()
+    resumed_vae = ckpt is not None and ckpt["vae_done"]
+    # an --init-from run keeps the folder's VAE and the scaling factor its UNet was trained with
+    new_vae = not resumed_vae and args.init_from is None
 
     # Stage 1: VAE.
-    if ckpt is not None and ckpt["vae_done"]:
+    if resumed_vae:
         vae.load_state_dict(ckpt["vae"])
         vae.register_to_config(scaling_factor=ckpt["scaling_factor"])
         print(f"resumed: VAE done (palette accuracy {ckpt['vae_palette_accuracy']:.5f})", flush=True)
-    elif args.init_from is not None:
-        pass  # the folder's VAE and its scaling factor, which its UNet was trained with
-    else:
+    elif new_vae:
         train_vae(vae, args)
         last_save = time.time()
     vae.eval().requires_grad_(False)
     # (a smoke run with a tiny pool checks few images, to stay fast)
-    accuracy = palette_accuracy(vae, args.seed, n=min(256, args.pool_size)) if ckpt is None or not ckpt["vae_done"] \
-        else ckpt["vae_palette_accuracy"]
+    accuracy = ckpt["vae_palette_accuracy"] if resumed_vae else palette_accuracy(vae, args.seed,
+                                                                                  n=min(256, args.pool_size))
     print(f"VAE palette accuracy {accuracy:.5f}", flush=True)
 
     # Stage 2: UNet + text encoder on pre-encoded posterior means.
     t0 = time.time()
     pool = Pool(vae, tokenizer, args.seed, args.pool_size, args.p_two)
-    if (ckpt is None or not ckpt["vae_done"]) and args.init_from is None:
+    if new_vae:
         # Unit-variance UNet inputs: scale by 1 / std of the latent means.
         vae.register_to_config(scaling_factor=float(1.0 / pool.latents.std()))
     scaling = vae.config.scaling_factor
@@ -342,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"checkpoint ({reason}) at step {step}: {ckpt_path}, pipeline {export_dir} "
               f"({time.time() - t:.1f} s)", flush=True)
 
-    if ckpt is None or not ckpt["vae_done"]:
+    if not resumed_vae:
         checkpoint("VAE done")
         last_save = time.time()
 
