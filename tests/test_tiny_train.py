@@ -92,6 +92,31 @@ def test_context_dropout_replaces_only_the_states_from_end_of_text_on():
         assert not torch.allclose(plain[i, eos:], empty_states[eos:])
 
 
+def test_prefix_dropout_cuts_captions_after_a_random_word():
+    torch.manual_seed(0)
+    tokenizer = build.build_tokenizer()
+    text_encoder = build.build_text_encoder(len(tokenizer)).eval()
+    captions = ["a red circle on the left and a blue square on the right"] * 200
+    ids = train.tokenize(tokenizer, captions)
+    empty = train.tokenize(tokenizer, [""])[0]
+    eos = int((ids[0] == text_encoder.config.eos_token_id).nonzero()[0])
+    with torch.no_grad():
+        plain = train.encode_text(text_encoder, ids)
+        cut = train.encode_text(text_encoder, ids, empty, 0.0, torch.Generator().manual_seed(0), prefix_dropout=1.0)
+        empty_states = text_encoder(empty[None])[0][0]
+    kept = (cut == plain).all(-1)  # (captions, positions)
+    dropped = (cut == empty_states).all(-1)
+    # every state is the caption's own or the empty prompt's (BOS is both: the encoder is causal)
+    assert (kept ^ dropped)[:, 1:].all()
+    lengths = kept.int().argmin(dim=1)  # each row: kept prefix, then dropped
+    assert torch.equal(kept, torch.arange(ids.shape[1])[None] < lengths[:, None])
+    # BOS and the first word always stay; every cut from after the first word to the end-of-text occurs
+    assert set(lengths.tolist()) == set(range(2, eos + 1))
+    half = train.encode_text(text_encoder, ids, empty, 0.0, torch.Generator().manual_seed(0), prefix_dropout=0.5)
+    whole = (half == plain).all(-1).all(-1).float().mean()
+    assert 0.35 < whole < 0.65, whole
+
+
 def test_schedules_end_at_pure_noise():
     # zero terminal SNR: nothing of the image is left at t = T for the model to read the layout from
     assert float(build.train_scheduler().alphas_cumprod[-1]) == 0.0

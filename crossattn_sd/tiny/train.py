@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context-dropout", type=float, default=0.5,
                    help="fraction of captions whose end-of-text and padding states are replaced by the empty "
                         "prompt's, so the UNet reads the words (see encode_text)")
+    p.add_argument("--prefix-dropout", type=float, default=0.0,
+                   help="fraction of captions cut after a random word (later states replaced by the empty "
+                        "prompt's), so each word's own state is read (see encode_text)")
     p.add_argument("--caption-dropout", type=float, default=0.1,
                    help="fraction of captions replaced by the empty prompt")
     p.add_argument("--pool-size", type=int, default=50000,
@@ -145,7 +148,7 @@ def vae_loss(vae, x: torch.Tensor) -> torch.Tensor:
 
 
 def encode_text(text_encoder, ids: torch.Tensor, empty: torch.Tensor | None = None, context_dropout: float = 0.0,
-                gen: torch.Generator | None = None) -> torch.Tensor:
+                gen: torch.Generator | None = None, prefix_dropout: float = 0.0) -> torch.Tensor:
     """The text states the UNet cross-attends to, with *context dropout*: for a `context_dropout` fraction of
     the captions, the states from the end-of-text token on are replaced by the empty prompt's states there.
 
@@ -153,18 +156,35 @@ def encode_text(text_encoder, ids: torch.Tensor, empty: torch.Tensor | None = No
     caption. Left alone, the UNet read everything from them (a 5.9k-step run: red vs blue changed the padding
     states 14x more than the colour word's own state) and every word's map was flat, at the uniform baseline.
     Making those states unreliable in training sends the UNet to the word tokens, which is where the maps are
-    read. Sampling is unchanged (the standard pipeline encodes the whole prompt)."""
-    if empty is None or context_dropout <= 0:
+    read. Sampling is unchanged (the standard pipeline encodes the whole prompt).
+
+    *Prefix dropout* goes further for a `prefix_dropout` fraction of the captions: the states from a random word
+    on (uniform over the words after the first, and the end-of-text) are replaced, so the UNet is trained on
+    every prefix "a red circle on the left and a blue" of the captions. A causal encoder writes each word into
+    every later state, so with whole captions only the UNet reads a colour from the shape word after it, and
+    the colour word's own map goes flat; a prefix that ends at the colour word leaves that word the only place
+    to read it from."""
+    if empty is None or (context_dropout <= 0 and prefix_dropout <= 0):
         return text_encoder(ids)[0]
     states = text_encoder(torch.cat([ids, empty[None]]))[0]
     states, empty_states = states[:-1], states[-1:]
-    after_text = (ids == text_encoder.config.eos_token_id).int().cumsum(dim=1) > 0  # end-of-text and padding
-    drop = torch.rand(len(ids), generator=gen) < context_dropout
-    return torch.where((after_text & drop[:, None])[..., None], empty_states, states)
+    n, length = ids.shape
+    eos = (ids == text_encoder.config.eos_token_id).int().argmax(dim=1)  # first end-of-text
+    cut = torch.full((n,), length)  # states at positions >= cut are replaced
+    if context_dropout > 0:
+        drop = torch.rand(n, generator=gen) < context_dropout
+        cut = torch.where(drop, eos, cut)
+    if prefix_dropout > 0:
+        prefix = torch.rand(n, generator=gen) < prefix_dropout
+        # keep BOS and the first word at least: cut in [2, eos]
+        where = 2 + (torch.rand(n, generator=gen) * (eos - 1).clamp(min=0)).long()
+        cut = torch.where(prefix, torch.minimum(where, cut), cut)
+    replaced = torch.arange(length)[None, :] >= cut[:, None]
+    return torch.where(replaced[..., None], empty_states, states)
 
 
 def diffusion_loss(unet, text_encoder, scheduler, latents, ids, t, noise, *, empty=None, context_dropout=0.0,
-                   gen=None) -> torch.Tensor:
+                   gen=None, prefix_dropout=0.0) -> torch.Tensor:
     """v-prediction loss, capped at low noise: weight min(snr + 1, 5) / (snr + 1).
 
     That is min-SNR-5 in the v domain: plain v-loss (weight 1) up to snr = 4, where the layout is decided,
@@ -173,7 +193,7 @@ def diffusion_loss(unet, text_encoder, scheduler, latents, ids, t, noise, *, emp
     would hardly be trained.)"""
     noisy = scheduler.add_noise(latents, noise, t)
     target = scheduler.get_velocity(latents, noise, t)
-    pred = unet(noisy, t, encode_text(text_encoder, ids, empty, context_dropout, gen)).sample
+    pred = unet(noisy, t, encode_text(text_encoder, ids, empty, context_dropout, gen, prefix_dropout)).sample
     alpha_bar = scheduler.alphas_cumprod.to(latents.device)[t]
     snr = alpha_bar / (1 - alpha_bar)
     weight = (snr + 1).clamp(max=5.0) / (snr + 1)
@@ -357,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
         t = torch.randint(0, scheduler.config.num_train_timesteps, (len(ids),), generator=gen)
         noise = torch.randn(latents.shape, generator=gen)
         loss = diffusion_loss(unet, text_encoder, scheduler, latents, ids, t, noise, empty=pool.empty,
-                              context_dropout=args.context_dropout, gen=gen)
+                              context_dropout=args.context_dropout, gen=gen, prefix_dropout=args.prefix_dropout)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
