@@ -14,6 +14,7 @@ EMBEDDED_MODEL_DIR = PACKAGE_DIR / "tiny" / "weights"
 # configs/ ships next to the package in a checkout; installed copies read the package's own.
 CONFIG_DIRS = (PACKAGE_DIR.parent / "configs", PACKAGE_DIR / "configs")
 EMBEDDED = "embedded"
+MAP_LAYERS = ("all", "finest")  # ModelPreset.map_layers
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,9 @@ class ModelPreset:
         steps, guidance, height, width: generation defaults for this model.
         max_side: the largest height or width the UI offers (the model's training size bounds it).
         scheduler: default scheduler name (see `pipeline.SCHEDULERS`); None keeps the model's own.
+        map_layers: which layers a heat map averages when none are asked for: "all" (every cross-attention
+            layer, as DAAM does), or "finest" (only the layers with the largest maps; chosen for a model where
+            they were measured to localise words best, as for the embedded one).
         examples: example prompts shown in the UI.
         description: one line for `--help` and the UI.
     """
@@ -40,16 +44,20 @@ class ModelPreset:
     width: int = 512
     max_side: int = 1024
     scheduler: str | None = None
+    map_layers: str = "all"
     examples: tuple[str, ...] = ()
     description: str = ""
 
     def __post_init__(self):
         if self.family not in ("sd", "sdxl"):
             raise ValueError(f"preset {self.name!r}: family must be 'sd' or 'sdxl', got {self.family!r}")
+        if self.map_layers not in MAP_LAYERS:
+            raise ValueError(f"preset {self.name!r}: map_layers must be one of {', '.join(MAP_LAYERS)}, "
+                             f"got {self.map_layers!r}")
 
 
 EMBEDDED_PRESET = ModelPreset(
-    name="tiny", source=EMBEDDED, steps=20, guidance=2.0, height=64, width=64, max_side=128,
+    name="tiny", source=EMBEDDED, steps=20, guidance=2.0, height=64, width=64, max_side=128, map_layers="finest",
     examples=("a red circle on the left and a blue square on the right",),
     description="the embedded 64x64 shapes-world model (offline, CPU)",
 )
@@ -97,7 +105,8 @@ class GenerationDefaults:
     height: int | None = None  # None: the UNet's sample_size times the VAE factor
     width: int | None = None
     examples: tuple[str, ...] = field(default_factory=tuple)
+    map_layers: str = "all"  # see ModelPreset
 
     @classmethod
     def from_preset(cls, preset: ModelPreset) -> "GenerationDefaults":
-        return cls(preset.steps, preset.guidance, preset.height, preset.width, preset.examples)
+        return cls(preset.steps, preset.guidance, preset.height, preset.width, preset.examples, preset.map_layers)

@@ -310,5 +310,6 @@ def generate(
         num_images_per_prompt=num_images_per_prompt, scheduler=scheduler or "default",
         scheduler_class=type(new_scheduler or old_scheduler).__name__, layers=layers, keep_heads=keep_heads,
         processor=spec.to_dict(), model=getattr(pipe, "crossattn_source", None) or pipe.config.get("_name_or_path"),
+        map_layers=defaults.map_layers,
     )
     return GenerationResult(images=images, alignments=alignments, store=store, settings=settings)

@@ -75,7 +75,8 @@ class GenerationResult:
             steps (range or list of `int`, *optional*): denoising steps to average (needs `per_step=True`).
             resolutions (list, *optional*): map sizes to use; an int matches a layer whose longer side is it,
                 a (h, w) pair matches exactly.
-            layers (`str` or list, *optional*): glob patterns over layer names, e.g. "up_blocks.*".
+            layers (`str` or list, *optional*): glob patterns over layer names, e.g. "up_blocks.*"; "*" is every
+                layer. With neither `layers` nor `resolutions`, the model's default view (`default_resolutions`).
             occurrence (`int`, *optional*): for a word used several times, pick one (0-based); default sums all.
             head (`int`, *optional*): one attention head (needs `keep_heads=True`); default: mean of heads.
             normalize_by (`str`): "minmax" (default), "max", or "none" (raw summed probabilities).
@@ -86,6 +87,15 @@ class GenerationResult:
         """
         return self._heatmaps([word], image_index=image_index, steps=steps, resolutions=resolutions,
                               layers=layers, occurrence=occurrence, head=head, normalize_by=normalize_by)[0]
+
+    def default_resolutions(self) -> list[tuple[int, int]] | None:
+        """The map sizes a heat map uses when no layer or resolution is asked for: None (every layer) unless
+        the model's preset says `map_layers: finest`, then the largest recorded map size only (16x16 for the
+        embedded model at 64 x 64, 32x32 at 128 x 128)."""
+        sizes = self.store.resolutions()  # [] if nothing was recorded
+        if self.settings.get("map_layers", "all") != "finest" or not sizes:
+            return None
+        return sizes[:1]
 
     def word_maps(self, image_index: int = 0, **filters) -> dict[str, np.ndarray]:
         """Every distinct word's heat map for one image (repeated words sum their occurrences).
@@ -107,6 +117,8 @@ class GenerationResult:
             raise ValueError(f"image_index={image_index} is out of range; there are {len(self.images)} image(s)")
         alignment = self.alignments[image_index]
         groups = [alignment.indices_of(word, occurrence) for word in words]
+        if layers is None and resolutions is None:
+            resolutions = self.default_resolutions()
         maps = token_maps(self.store, groups, self.size, image_index=image_index, layers=layers,
                           resolutions=resolutions, steps=_steps_arg(steps), head=head)
         return [normalize(m, normalize_by).numpy().astype(np.float32) for m in maps]

@@ -102,8 +102,9 @@ class GenerateRequest:
 class MapFilters:
     """Which recorded maps a view averages, and how it is drawn."""
 
-    layers: tuple[str, ...] | None = None  # layer names or glob patterns; None: every recorded layer
-    resolutions: tuple[str, ...] | None = None  # "16x16" (exact) or "16" (longer side); None: all
+    # layers and resolutions both None: the model's default view (`GenerationResult.default_resolutions`)
+    layers: tuple[str, ...] | None = None  # layer names or glob patterns ("*": every layer)
+    resolutions: tuple[str, ...] | None = None  # "16x16" (exact) or "16" (longer side); None: no filter
     step_from: int = 0  # first denoising step (0-based) ...
     step_to: int | None = None  # ... and last, inclusive; None: the last step
     head: int | None = None  # one attention head; None: mean of the heads
@@ -161,6 +162,7 @@ class MapChoices:
     default_word: str | None
     layers: list[tuple[str, str]]  # (label, layer name)
     resolutions: list[str]  # "16x16", largest first
+    default_resolutions: list[str]  # the ones the model's default view uses (`GenerationResult.default_resolutions`)
     num_steps: int
     has_steps: bool
     heads: int  # heads every layer has (0: per-head maps not kept)
@@ -419,6 +421,7 @@ class AttentionService:
             guidance_scale=req.guidance, height=req.height, width=req.width, mode=spec.mode, per_step=req.per_step,
             scheduler=None if req.scheduler == "default" else req.scheduler, keep_heads=True, processor=spec,
             progress=progress, cancel=flag)
+        result.settings["map_layers"] = self.preset.map_layers  # this service's preset, whatever pipe it was given
         return self._store(result, time.perf_counter() - start)
 
     def _store(self, result: GenerationResult, seconds: float | None) -> Entry:
@@ -534,20 +537,27 @@ class AttentionService:
         default = next((w for w in words if w not in FUNCTION_WORDS), words[0] if words else None)
         layers = [(layer_label(l, store.layer_shape(l)), l) for l in store.layers]
         heads = [store.num_heads(l) for l in store.layers]
+        resolutions = [f"{h}x{w}" for h, w in store.resolutions()]
+        default_view = entry.result.default_resolutions()
         return MapChoices(
-            words=words, default_word=default, layers=layers,
-            resolutions=[f"{h}x{w}" for h, w in store.resolutions()], num_steps=store.num_steps,
+            words=words, default_word=default, layers=layers, resolutions=resolutions,
+            default_resolutions=[f"{h}x{w}" for h, w in default_view] if default_view else resolutions,
+            num_steps=store.num_steps,
             has_steps=store.has_steps, heads=min(heads) if heads and None not in heads else 0)
 
     @staticmethod
     def filters(layers: Sequence[str] | str | None = None, resolutions: Sequence[str] | str | None = None,
                 step_from: int = 0, step_to: int | None = None, head: int | str | None = None,
                 alpha: float = 0.5, cmap: str = DEFAULT_CMAP) -> MapFilters:
-        """Build `MapFilters` from UI or API values: lists or comma-separated text; "*" or "" means all;
-        head "mean" or -1 means the mean of the heads; step_to -1 means the last step."""
-        def as_tuple(v):
-            if v is None or (isinstance(v, str) and v.strip() in ("", "*", "all")):
+        """Build `MapFilters` from UI or API values: lists or comma-separated text. Layers "*" or "all" means
+        every layer; with layers and resolutions both None or "", the map is the model's default view
+        (`GenerationResult.default_resolutions`). Head "mean" or -1 means the mean of the heads; step_to -1 means
+        the last step."""
+        def as_tuple(v, every=None):
+            if v is None or (isinstance(v, str) and v.strip() == ""):
                 return None
+            if isinstance(v, str) and v.strip() in ("*", "all"):
+                return every
             items = [p.strip() for p in v.split(",")] if isinstance(v, str) else [str(p).strip() for p in v]
             if not any(items):
                 raise ValueError("no layer or resolution is selected; tick at least one")
@@ -563,7 +573,7 @@ class AttentionService:
             raise ValueError(f"unknown colour map {cmap!r}; use one of {', '.join(CMAPS)}")
         if not 0 <= float(alpha) <= 1:
             raise ValueError(f"alpha={alpha} is out of range; use 0..1")
-        return MapFilters(layers=as_tuple(layers), resolutions=as_tuple(resolutions), step_from=int(step_from or 0),
+        return MapFilters(layers=as_tuple(layers, every=("*",)), resolutions=as_tuple(resolutions), step_from=int(step_from or 0),
                           step_to=None if step_to is None else int(step_to), head=head, alpha=float(alpha), cmap=cmap)
 
     @staticmethod

@@ -169,7 +169,7 @@ class Handlers:
             self.service.describe(entry),
             gr.update(choices=c.words, value=c.default_word),
             gr.update(choices=c.layers, value=[name for _, name in c.layers]),
-            gr.update(choices=c.resolutions, value=c.resolutions),
+            gr.update(choices=c.resolutions, value=c.default_resolutions),
             gr.update(value=1, **steps),
             gr.update(value=n, **steps),
             gr.update(choices=["mean", *map(str, range(c.heads))], value="mean"),
@@ -234,12 +234,13 @@ class Handlers:
                                                                  alpha, cmap))
 
     @_user_errors
-    def heatmap(self, bundle: FileData, word: str, layers: str = "*", resolutions: str = "", step_from: int = 0,
+    def heatmap(self, bundle: FileData, word: str, layers: str = "", resolutions: str = "", step_from: int = 0,
                 step_to: int = -1, head: int = -1, alpha: float = 0.5, cmap: str = "jet") -> FileData:
         """The overlay of one word's heat map for a map bundle from /generate.
 
-        layers: comma-separated glob patterns of layer names ("*": all); resolutions: e.g. "16x16, 8x8" (""
-        all); step_from/step_to: 0-based, inclusive (-1: last); head: one attention head (-1: mean of heads).
+        layers: comma-separated glob patterns of layer names ("*": every layer); resolutions: e.g. "16x16, 8x8";
+        both "": the model's default view (the embedded model: its 16x16 layers); step_from/step_to: 0-based,
+        inclusive (-1: last); head: one attention head (-1: mean of heads).
         """
         path = bundle["path"] if isinstance(bundle, dict) else getattr(bundle, "path", bundle)
         filters = self.service.filters(layers, resolutions, step_from, step_to, head, alpha, cmap)

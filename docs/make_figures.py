@@ -4,7 +4,7 @@
     python docs/make_figures.py --model runs/tiny/pipeline
 
 Writes
-    docs/images/words.png     a caption's image and each content word's map (all layers, all steps)
+    docs/images/words.png     a caption's image and each content word's map (the default view: 16x16 layers, all steps)
     docs/images/reweight.png  a prompt and seed with capture and with a re-weighted word
     docs/images/edit.png      prompt-to-prompt colour swap: source, edit with injected maps, edit prompt alone
 and prints what the pixel judge (crossattn_sd/tiny/judge.py) says of each image, so the captions of the

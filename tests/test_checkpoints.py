@@ -228,6 +228,15 @@ def test_presets(name, source, family, size, steps, guidance):
     assert (preset.source, preset.family, preset.height, preset.width) == (source, family, size, size)
     assert (preset.steps, preset.guidance) == (steps, guidance)
     assert preset.max_side >= size and preset.examples and preset.description
+    assert preset.map_layers == "all"  # real checkpoints: every layer, as DAAM averages (not measured here)
+
+
+def test_map_layers_is_checked():
+    from crossattn_sd.config import ModelPreset
+
+    assert load_presets()["tiny"].map_layers == "finest"  # measured best on the embedded model (README)
+    with pytest.raises(ValueError, match="map_layers must be one of all, finest, got 'best'"):
+        ModelPreset(name="x", source="x", map_layers="best")
 
 
 def test_presets_command_lists_the_real_checkpoints(capsys):

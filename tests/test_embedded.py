@@ -75,11 +75,40 @@ def test_eval_tiny_runs_on_the_shipped_model_and_reports_every_figure(tmp_path, 
     assert main(["eval-tiny", "--n", "2", "--json", str(out)]) == 0
     text = capsys.readouterr().out
     assert "whole caption right" in text and "one resolution's layers alone" in text
+    assert "map: 16x16 layers (the model's default view)" in text
     s = json.loads(out.read_text())
     assert s["captions"] == 2 and 0 <= s["caption_accuracy"] <= 1
     for kind in ("colour", "shape"):
         assert s[f"n/{kind}/map"] >= 1
+        assert s[f"iou/{kind}/map"] == s[f"iou/{kind}/map@16x16"]  # the default view is the finest layers
+        assert 0 <= s[f"iou/{kind}/every-layer"] <= 1
         assert 0 <= s[f"iou/{kind}/map"] <= 1 and s[f"iou/{kind}/uniform"] < 0.2  # an object is a fraction of the image
         assert {k for k in s if k.startswith(f"iou/{kind}/map@")} == {f"iou/{kind}/map@{n}x{n}" for n in (16, 8, 4)}
         assert {k for k in s if k.startswith(f"iou/{kind}/map#")} == {f"iou/{kind}/map#1", f"iou/{kind}/map#2"}
     assert "place in a two-object caption" in text
+
+
+def test_eval_tiny_can_score_every_layer_and_refuses_bad_resolutions(tmp_path, capsys):
+    from crossattn_sd.cli import main
+
+    out = tmp_path / "eval.json"
+    assert main(["eval-tiny", "--n", "1", "--resolutions", "all", "--json", str(out)]) == 0
+    assert "map: every layer" in capsys.readouterr().out
+    s = json.loads(out.read_text())
+    assert "iou/colour/every-layer" not in s  # the breakdown is only given next to the default view
+    assert main(["eval-tiny", "--n", "1", "--resolutions", "sixteen"]) == 2
+    assert "--resolutions 'sixteen'" in capsys.readouterr().err
+
+
+def test_the_embedded_models_default_view_is_its_finest_layers(pipe):
+    result = crossattn_sd.generate(pipe, CAPTION, seed=SEED, steps=4)
+    assert result.default_resolutions() == [(16, 16)]
+    assert np.array_equal(result.heatmap("red"), result.heatmap("red", resolutions=[16]))
+    every = result.heatmap("red", layers="*")
+    assert not np.array_equal(every, result.heatmap("red"))
+    assert np.array_equal(every, result.heatmap("red", resolutions=[16, 8, 4]))
+    # a layer filter alone is taken as asked (the default view does not narrow it)
+    assert np.array_equal(result.heatmap("red", layers="mid_block.*"), result.heatmap("red", resolutions=[4]))
+    # at 128 x 128 the finest layers are 32x32
+    big = crossattn_sd.generate(pipe, CAPTION, seed=SEED, steps=2, height=128, width=96)
+    assert big.default_resolutions() == [(32, 24)]

@@ -8,6 +8,7 @@ from PIL import Image
 
 from conftest import tiny_sd_pipeline
 from crossattn_sd import ProcessorSpec, generate, load_result
+from crossattn_sd.result import GenerationResult
 from crossattn_sd.maps import token_map
 
 # 9 tokens of whole words, then "circle" (6 sub-tokens) is cut by the 14-token limit of the tiny tokenizer.
@@ -76,6 +77,15 @@ def test_resolution_and_layer_filters(result):
         result.heatmap("red", resolutions=[64])
     with pytest.raises(ValueError, match="no recorded layer matches layers='mid'"):
         result.heatmap("red", layers="mid")
+
+
+def test_a_model_without_a_preset_defaults_to_every_layer(result):
+    assert result.settings["map_layers"] == "all" and result.default_resolutions() is None
+    every = result.heatmap("red", normalize_by="none")
+    np.testing.assert_array_equal(every, result.heatmap("red", layers="*", normalize_by="none"))
+    finest = GenerationResult(result.images, result.alignments, result.store, {**result.settings, "map_layers": "finest"})
+    assert finest.default_resolutions() == [(16, 24)]
+    np.testing.assert_array_equal(finest.heatmap("red"), result.heatmap("red", resolutions=[(16, 24)]))
 
 
 def test_heads_and_steps_selectors(result):

@@ -315,3 +315,19 @@ def test_history_is_newest_first_and_bounded(service):
         history = service.add_to_history(history, e)
     assert history == entries[::-1]
     assert len(service.add_to_history(entries * MAX_HISTORY, entries[0])) == MAX_HISTORY
+
+
+def test_the_first_view_is_the_presets_default_and_star_is_every_layer(service):
+    entry = service.generate(GenerateRequest(PROMPT, seed=3))
+    c = service.choices(entry)
+    assert len(c.resolutions) > 1 and c.default_resolutions == c.resolutions[:1]  # the tiny preset: finest only
+    default, every = service.filters(), service.filters(layers="*")
+    assert default.layers is None and every.layers == ("*",)
+    finest = service.filters(resolutions=c.resolutions[0])
+
+    def overlay(f):
+        return np.asarray(service.overlay(entry, "red", f))
+
+    np.testing.assert_array_equal(overlay(default), overlay(finest))
+    assert not np.array_equal(overlay(default), overlay(every))
+    np.testing.assert_array_equal(overlay(every), overlay(service.filters(resolutions=",".join(c.resolutions))))

@@ -4,9 +4,10 @@ Prints (a) generation accuracy: per object, is its colour present in its named h
 recognisable; per caption, are all objects right (and no stray colours); and (b) localisation: for colour and
 shape words, the IoU of the word's heat map thresholded at 0.4 x its maximum against the object's mask (its
 colour's pixels in its named half of the generated image), next to two baselines (a uniform map, a centred
-Gaussian) and a control (the same heat map against the *other* object's mask); with the default (all
-layers) it also breaks the map's IoU down by the resolution of the layers it comes from, and by the object's
-place in the caption (first or second mentioned).
+Gaussian) and a control (the same heat map against the *other* object's mask). The heat map is the model's
+default view (the tiny preset's `map_layers: finest`: its 16x16 layers at 64 x 64), as the app shows it first;
+unless `--resolutions` picks other layers, the IoU is also given for the map averaged over every layer, for the
+layers of each resolution alone, and by the object's place in the caption (first or second mentioned).
 
     crossattn-sd eval-tiny --n 144 --seed 0
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -84,13 +86,16 @@ class Tally:
 
 def evaluate(pipe, n: int = 144, seed: int = 0, steps: int | None = None, guidance: float | None = None,
              resolutions=None, progress: bool = True) -> dict:
-    """Run the evaluation; returns the summary dict (see module docstring)."""
+    """Run the evaluation; returns the summary dict (see module docstring). `resolutions`: None for the
+    model's default view, "all" for every layer, or map sizes as `GenerationResult.heatmap` takes them."""
     from tqdm.auto import tqdm
 
     from ..pipeline import generate
 
     tally = Tally()
     items = captions(n, seed)
+    view = dict(layers="*") if resolutions == "all" else dict(resolutions=resolutions)
+    map_view = None
     for text, kinds, noise_seed in tqdm(items, desc="eval-tiny", disable=not progress):
         t0 = time.perf_counter()
         result = generate(pipe, text, seed=noise_seed, steps=steps, guidance_scale=guidance)
@@ -106,6 +111,13 @@ def evaluate(pipe, n: int = 144, seed: int = 0, steps: int | None = None, guidan
         uniform, gauss = region(np.ones((h, w))), region(gaussian_map(h, w))
         masks = [object_mask(image, c, p) for c, _, p in kinds]
         words = [w_.lower() for w_ in result.words]
+        if map_view is None:
+            default = result.default_resolutions()
+            if resolutions is not None:
+                map_view = "every layer" if resolutions == "all" else f"resolutions {resolutions}"
+            else:
+                map_view = ("every layer" if default is None else
+                            ", ".join(f"{h}x{w_}" for h, w_ in default) + " layers (the model's default view)")
         for i, (colour, shape, _) in enumerate(kinds):
             if not masks[i].any():
                 continue  # the object is missing: nothing to localise against
@@ -115,11 +127,13 @@ def evaluate(pipe, n: int = 144, seed: int = 0, steps: int | None = None, guidan
                 occurrence = [c if kind == "colour" else s for c, s, _ in kinds][:i].count(word)
                 if words.count(word) <= occurrence:
                     continue
-                m = region(result.heatmap(word, occurrence=occurrence, resolutions=resolutions))
+                m = region(result.heatmap(word, occurrence=occurrence, **view))
                 tally.iou[f"{kind}/map"].append(iou(m, masks[i]))
                 if len(kinds) == 2:  # by the object's place in the caption (the text encoder is causal)
                     tally.iou.setdefault(f"{kind}/map#{i + 1}", []).append(iou(m, masks[i]))
-                if resolutions is None:  # the same map from each resolution's layers alone
+                if resolutions is None:  # every layer averaged, and each resolution's layers alone
+                    every = region(result.heatmap(word, occurrence=occurrence, layers="*"))
+                    tally.iou.setdefault(f"{kind}/every-layer", []).append(iou(every, masks[i]))
                     for hw in result.store.resolutions():
                         one = region(result.heatmap(word, occurrence=occurrence, resolutions=[hw]))
                         tally.iou.setdefault(f"{kind}/map@{hw[0]}x{hw[1]}", []).append(iou(one, masks[i]))
@@ -127,7 +141,7 @@ def evaluate(pipe, n: int = 144, seed: int = 0, steps: int | None = None, guidan
                 tally.iou[f"{kind}/gaussian"].append(iou(gauss, masks[i]))
                 if other is not None and other.any():
                     tally.iou[f"{kind}/other"].append(iou(m, other))
-    return tally.summary()
+    return {**tally.summary(), "map_view": map_view}
 
 
 def format_summary(s: dict) -> str:
@@ -136,7 +150,7 @@ def format_summary(s: dict) -> str:
              f"each object right:   {100 * s['object_accuracy']:.1f}%",
              f"median time per image: {s['median_seconds_per_image']:.3f} s",
              "",
-             "mean IoU (map >= 0.4 x max vs the object's mask)",
+             f"mean IoU (map >= 0.4 x max vs the object's mask); map: {s.get('map_view')}",
              f"{'word':8s} {'map':>7s} {'uniform':>8s} {'gaussian':>9s} {'other obj':>10s} {'map/best':>9s}   n"]
     for kind in ("colour", "shape"):
         vals = {k: s[f"iou/{kind}/{k}"] for k in ("map", "uniform", "gaussian", "other")}
@@ -149,10 +163,11 @@ def format_summary(s: dict) -> str:
     by_size = sorted({k.split("@")[1] for k in s if k.startswith("iou/") and "@" in k},
                      key=lambda hw: -int(hw.split("x")[0]))
     if by_size:
-        lines += ["", "mean IoU of the map from one resolution's layers alone",
-                  f"{'word':8s} " + " ".join(f"{hw:>7s}" for hw in by_size)]
+        lines += ["", "mean IoU of the map averaged over every layer, and from one resolution's layers alone",
+                  f"{'word':8s} {'every':>7s} " + " ".join(f"{hw:>7s}" for hw in by_size)]
         for kind in ("colour", "shape"):
-            lines.append(f"{kind:8s} " + " ".join(f"{s[f'iou/{kind}/map@{hw}']:7.3f}" for hw in by_size))
+            lines.append(f"{kind:8s} {s[f'iou/{kind}/every-layer']:7.3f} "
+                         + " ".join(f"{s[f'iou/{kind}/map@{hw}']:7.3f}" for hw in by_size))
     if s.get("iou/colour/map#1") is not None:
         lines += ["", "mean IoU by the object's place in a two-object caption",
                   f"{'word':8s} {'first':>7s} {'second':>7s}"]
@@ -170,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's preset)")
     p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's preset)")
     p.add_argument("--resolutions", default=None,
-                   help="comma-separated map sizes to use for heat maps, e.g. '16' (default: all layers)")
+                   help="comma-separated map sizes to use for heat maps, e.g. '16,8', or 'all' for every layer "
+                        "(default: the model's default view, the 16x16 layers)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--json", default=None, help="also write the summary to this JSON file")
     return p
@@ -188,7 +204,13 @@ def main(argv: list[str] | None = None) -> int:
     pipe = load_pipeline(args.model, device="cpu")
     # A training export in some folder is still the tiny model: evaluate it with the tiny preset's defaults.
     pipe.crossattn_defaults = GenerationDefaults.from_preset(get_preset("tiny"))
-    resolutions = [int(r) for r in args.resolutions.split(",")] if args.resolutions else None
+    resolutions = args.resolutions and args.resolutions.strip()
+    if resolutions and resolutions != "all":
+        try:
+            resolutions = [int(r) for r in resolutions.split(",")]
+        except ValueError:
+            print(f"--resolutions {args.resolutions!r}: give map sizes such as 16 or 16,8, or 'all'", file=sys.stderr)
+            return 2
     summary = evaluate(pipe, args.n, args.seed, args.steps, args.guidance, resolutions)
     summary["settings"] = {k: v for k, v in vars(args).items() if k != "json"}
     print(format_summary(summary))
