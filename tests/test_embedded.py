@@ -52,13 +52,13 @@ def test_fixed_caption_draws_the_right_colours_and_shapes_in_the_right_halves(pi
     verdict = judge(image, KINDS)
     assert all(o.colour_ok for o in verdict.objects), verdict
     assert verdict.ok, verdict
-    # each shape word's map lands on its own object rather than on the other one (shape words localise on this
-    # model: eval-tiny's shape IoU is 0.40 against 0.015 for the other object; the second object's colour word
-    # mostly attends to the background, see the README)
+    # each colour and shape word's map (the default view) lands on its own object rather than on the other one
+    # (on the shipped weights: red 0.74, circle 0.43, blue 0.56, square 0.60 against 0.0 for the other object)
     masks = [object_mask(image, c, p) for c, _, p in KINDS]
-    for i, (_, shape, _) in enumerate(KINDS):
-        m = region(result.heatmap(shape))
-        assert iou(m, masks[i]) > 0.2 > iou(m, masks[1 - i]), shape
+    for i, (colour, shape, _) in enumerate(KINDS):
+        for word in (colour, shape):
+            m = region(result.heatmap(word))
+            assert iou(m, masks[i]) > 0.3 > 0.05 > iou(m, masks[1 - i]), word
 
 
 def test_generation_is_deterministic_and_capture_leaves_the_image_alone(pipe):
