@@ -537,11 +537,11 @@ class AttentionService:
         default = next((w for w in words if w not in FUNCTION_WORDS), words[0] if words else None)
         layers = [(layer_label(l, store.layer_shape(l)), l) for l in store.layers]
         heads = [store.num_heads(l) for l in store.layers]
-        resolutions = [f"{h}x{w}" for h, w in store.resolutions()]
-        default_view = entry.result.default_resolutions()
+        labels = lambda sizes: [f"{h}x{w}" for h, w in sizes]  # noqa: E731
+        resolutions = labels(store.resolutions())
         return MapChoices(
             words=words, default_word=default, layers=layers, resolutions=resolutions,
-            default_resolutions=[f"{h}x{w}" for h, w in default_view] if default_view else resolutions,
+            default_resolutions=labels(entry.result.default_resolutions() or store.resolutions()),
             num_steps=store.num_steps,
             has_steps=store.has_steps, heads=min(heads) if heads and None not in heads else 0)
 

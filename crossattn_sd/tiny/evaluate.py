@@ -84,6 +84,18 @@ class Tally:
         return out
 
 
+def view_name(result, resolutions) -> str:
+    """What the scored heat map averages, for the summary."""
+    if resolutions == "all":
+        return "every layer"
+    if resolutions is not None:
+        return f"resolutions {resolutions}"
+    default = result.default_resolutions()
+    if default is None:
+        return "every layer"
+    return ", ".join(f"{h}x{w}" for h, w in default) + " layers (the model's default view)"
+
+
 def evaluate(pipe, n: int = 144, seed: int = 0, steps: int | None = None, guidance: float | None = None,
              resolutions=None, progress: bool = True) -> dict:
     """Run the evaluation; returns the summary dict (see module docstring). `resolutions`: None for the
@@ -111,13 +123,7 @@ def evaluate(pipe, n: int = 144, seed: int = 0, steps: int | None = None, guidan
         uniform, gauss = region(np.ones((h, w))), region(gaussian_map(h, w))
         masks = [object_mask(image, c, p) for c, _, p in kinds]
         words = [w_.lower() for w_ in result.words]
-        if map_view is None:
-            default = result.default_resolutions()
-            if resolutions is not None:
-                map_view = "every layer" if resolutions == "all" else f"resolutions {resolutions}"
-            else:
-                map_view = ("every layer" if default is None else
-                            ", ".join(f"{h}x{w_}" for h, w_ in default) + " layers (the model's default view)")
+        map_view = map_view or view_name(result, resolutions)
         for i, (colour, shape, _) in enumerate(kinds):
             if not masks[i].any():
                 continue  # the object is missing: nothing to localise against

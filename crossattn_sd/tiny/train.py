@@ -177,8 +177,8 @@ def encode_text(text_encoder, ids: torch.Tensor, empty: torch.Tensor | None = No
     if prefix_dropout > 0:
         prefix = torch.rand(n, generator=gen) < prefix_dropout
         # keep BOS and the first word at least: cut in [2, eos]
-        where = 2 + (torch.rand(n, generator=gen) * (eos - 1).clamp(min=0)).long()
-        cut = torch.where(prefix, torch.minimum(where, cut), cut)
+        cut_at = 2 + (torch.rand(n, generator=gen) * (eos - 1).clamp(min=0)).long()
+        cut = torch.where(prefix, torch.minimum(cut_at, cut), cut)
     replaced = torch.arange(length)[None, :] >= cut[:, None]
     return torch.where(replaced[..., None], empty_states, states)
 
