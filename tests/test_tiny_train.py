@@ -145,3 +145,105 @@ def test_init_from_starts_a_new_run_from_a_pipeline_folders_weights(tmp_path, ca
     assert train.main(["--out", str(tmp_path / "d"), *SMOKE, "--init-from", str(tmp_path), "--stop-after", "0"]) == 2
     assert "no model_index.json" in capsys.readouterr().err
     assert train.main(["--out", str(tmp_path / "a"), *SMOKE, "--init-from", str(folder), "--resume"]) == 2
+
+
+def test_word_owners_point_each_object_word_at_its_object():
+    from crossattn_sd.tiny.world import Scene, place
+
+    tokenizer = build.build_tokenizer()
+    scene = Scene((place("red", "circle", "left"), place("blue", "square", "right")))
+    for order in ((0, 1), (1, 0)):
+        ids = train.tokenize(tokenizer, [train.caption(scene, order)])[0]
+        owners = train.word_owners(scene, order, len(ids))
+        tokens = [t.removesuffix("</w>") for t in tokenizer.convert_ids_to_tokens(ids.tolist())]
+        named = {j: {tokens[p] for p, o in enumerate(owners) if o == j} for j in (0, 1)}
+        assert named == {0: {"red", "circle", "left"}, 1: {"blue", "square", "right"}}
+        assert all(tokens[p] in ("a", "on", "the", "and", "<|startoftext|>", "<|endoftext|>")
+                   for p, o in enumerate(owners) if o == -1)
+
+
+def test_pool_grounding_batch_draws_the_same_batch():
+    tokenizer = build.build_tokenizer()
+    torch.manual_seed(0)
+    vae = build.build_vae().eval().requires_grad_(False)
+    pool = train.Pool(vae, tokenizer, seed=0, size=8, p_two=0.7)
+    assert pool.masks.shape == (8, train.MAX_OBJECTS, 16, 16) and pool.masks.max() <= 1
+    # every object covers some of the latent, absent second objects nothing
+    assert (pool.masks.sum((2, 3)) > 0).sum() == (pool.owners[:, 0].amax(1) + 1).sum()
+    latents, ids = pool.batch(torch.Generator().manual_seed(1), 16, dropout=0.5)
+    g_latents, g_ids, masks, owners = pool.batch(torch.Generator().manual_seed(1), 16, dropout=0.5, grounding=True)
+    assert torch.equal(latents, g_latents) and torch.equal(ids, g_ids)
+    dropped = (ids == pool.empty).all(1)
+    assert dropped.any() and (owners[dropped] == -1).all() and (owners[~dropped] >= 0).any(1).all()
+
+
+def test_grounding_loss_is_zero_for_a_map_spread_over_its_object():
+    masks = torch.zeros(1, 2, 4, 4)
+    masks[0, 0, :2, :2] = 1  # object 0: top-left quarter
+    masks[0, 1, 2:, 2:] = 0.5  # object 1: half of each bottom-right cell
+    owners = torch.tensor([[-1, 0, 1]])
+    probs = torch.zeros(1, 16, 3)
+    probs[0, :, 0] = 1.0
+    probs[0, :, 1] = masks[0, 0].flatten()
+    probs[0, :, 2] = masks[0, 1].flatten() * 0.3  # the scale of a map does not matter
+    assert train.grounding_loss([probs], masks, owners, (4, 4)).abs() < 1e-6
+    # the same maps at half size: masks are pooled to the layer's size
+    half = torch.nn.functional.avg_pool2d(probs.permute(0, 2, 1).reshape(1, 3, 4, 4), 2).flatten(2).permute(0, 2, 1)
+    assert train.grounding_loss([probs, half], masks, owners, (4, 4)).abs() < 1e-6
+    # a map on the wrong object, or spread everywhere, costs; unowned tokens (here 0) never do
+    wrong = probs.clone()
+    wrong[0, :, 1] = masks[0, 1].flatten()
+    flat = probs.clone()
+    flat[0, :, 1] = 1.0
+    wrong_loss = train.grounding_loss([wrong], masks, owners, (4, 4))
+    flat_loss = train.grounding_loss([flat], masks, owners, (4, 4))
+    assert wrong_loss > flat_loss > 0
+    assert abs(flat_loss.item() - np.log(16 / 4) / 2) < 1e-5  # KL(mask || flat) for one of the two tokens
+    assert train.grounding_loss([probs], masks, torch.full_like(owners, -1), (4, 4)) == 0
+
+
+def test_grounding_trains_the_maps_the_app_shows():
+    """A few steps on the grounding loss alone move the tokens' maps onto their objects, through the capture
+    processor in explicit mode; prefix-cut tokens are not grounded."""
+    from crossattn_sd.processors import CaptureProcessor, install
+
+    torch.manual_seed(0)
+    tokenizer = build.build_tokenizer()
+    vae = build.build_vae().eval().requires_grad_(False)
+    text_encoder = build.build_text_encoder(len(tokenizer))
+    unet = build.build_unet()
+    pool = train.Pool(vae, tokenizer, seed=0, size=8, p_two=1.0)
+    latents, ids, masks, owners = pool.batch(torch.Generator().manual_seed(0), 8, dropout=0.0, grounding=True)
+    latents = latents / pool.latents.std()
+    scheduler = build.train_scheduler()
+    t = torch.full((8,), 500)
+    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(0))
+    recorder = train.TrainingAttention()
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    before = unet.attn_processors
+    with install(unet, recorder, lambda store, layer: CaptureProcessor(store, layer, "explicit")):
+        losses = []
+        for _ in range(15):
+            v_loss, g_loss = train.training_loss(unet, text_encoder, scheduler, latents, ids, t, noise,
+                                                 grounding=(recorder, masks, owners))
+            assert len(recorder.maps) == len(unet.attn_processors) // 2  # every cross-attention layer, once
+            opt.zero_grad()
+            g_loss.backward()
+            opt.step()
+            losses.append(g_loss.item())
+        # with every caption cut after its first word, nothing is grounded
+        _, none = train.training_loss(unet, text_encoder, scheduler, latents, ids, t, noise, empty=pool.empty,
+                                      gen=torch.Generator().manual_seed(0), prefix_dropout=1.0,
+                                      grounding=(recorder, masks, torch.where(owners == 0, owners, -1)))
+    assert losses[-1] < 0.6 * losses[0], losses
+    assert {k: type(v) for k, v in unet.attn_processors.items()} == {k: type(v) for k, v in before.items()}
+    assert 0 <= none.item() < losses[0]
+
+
+def test_smoke_run_with_grounding(tmp_path, capsys):
+    assert train.main(["--out", str(tmp_path / "run"), *SMOKE, "--grounding", "0.1"]) == 0
+    out = capsys.readouterr().out
+    assert "grounding" in out
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    assert ckpt["step"] == 4 and ckpt["args"]["grounding"] == 0.1

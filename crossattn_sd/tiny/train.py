@@ -23,6 +23,7 @@ On the 2-core VM run it with glibc malloc tuned, or steps are ~20x slower:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import math
 import os
@@ -36,9 +37,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..cli import HelpFormatter
+from ..maps import layer_hw
+from ..processors import CaptureProcessor, install
 from . import build
 from .judge import palette_labels
-from .world import Scene, caption, render, sample_scene
+from .world import Scene, caption, describe, render, sample_scene
+from .world import object_mask as world_object_mask
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -69,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefix-dropout", type=float, default=0.0,
                    help="fraction of captions cut after a random word (later states replaced by the empty "
                         "prompt's), so each word's own state is read (see encode_text)")
+    p.add_argument("--grounding", type=float, default=0.0,
+                   help="weight of the token-grounding loss: each colour, shape and position word's cross-attention "
+                        "map should spread over its object's mask (see grounding_loss); 0 leaves it out")
     p.add_argument("--caption-dropout", type=float, default=0.1,
                    help="fraction of captions replaced by the empty prompt")
     p.add_argument("--pool-size", type=int, default=50000,
@@ -115,28 +122,71 @@ class Pool:
 
     def __init__(self, vae, tokenizer, seed: int, size: int, p_two: float, chunk: int = 256):
         rng = np.random.default_rng([seed, 1])
-        latents, fwd, rev = [], [], []
+        latents, fwd, rev, masks, owners = [], [], [], [], []
         with torch.no_grad():
             for start in tqdm(range(0, size, chunk), desc="encoding pool", mininterval=10,
                               file=sys.stdout):
                 scenes, images = render_batch(rng, min(chunk, size - start), p_two)
                 latents.append(vae.encode(to_tensor(images)).latent_dist.mean)
-                fwd.append(tokenize(tokenizer, [caption(s) for s in scenes]))
-                rev.append(tokenize(tokenizer, [caption(s, tuple(reversed(range(len(s.objects)))))
-                                                for s in scenes]))
+                orders = [[tuple(range(len(s.objects))), tuple(reversed(range(len(s.objects))))] for s in scenes]
+                fwd.append(tokenize(tokenizer, [caption(s, o[0]) for s, o in zip(scenes, orders)]))
+                rev.append(tokenize(tokenizer, [caption(s, o[1]) for s, o in zip(scenes, orders)]))
+                masks.append(object_masks(scenes, images.shape[1], latents[-1].shape[-2:]))
+                owners.append(torch.tensor([[word_owners(s, o, fwd[-1].shape[1]) for o in pair]
+                                            for s, pair in zip(scenes, orders)]))
         self.latents = torch.cat(latents)
         self.ids = torch.stack([torch.cat(fwd), torch.cat(rev)], dim=1)  # (N, 2, L)
         self.empty = tokenize(tokenizer, [""])[0]
+        # for the grounding loss: each scene's object masks at the latent size (area fractions), and for each
+        # caption order the object each token describes (-1: none)
+        self.masks = torch.cat(masks)  # (N, MAX_OBJECTS, h, w)
+        self.owners = torch.cat(owners)  # (N, 2, L)
 
     def __len__(self) -> int:
         return len(self.latents)
 
-    def batch(self, gen: torch.Generator, n: int, dropout: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, gen: torch.Generator, n: int, dropout: float, *, grounding: bool = False):
+        """(latents, ids), or with `grounding` (latents, ids, masks, owners) for `grounding_loss`; the random
+        draws are the same either way."""
         idx = torch.randint(len(self), (n,), generator=gen)
         order = torch.randint(2, (n,), generator=gen)  # random caption order
         ids = self.ids[idx, order].clone()
-        ids[torch.rand(n, generator=gen) < dropout] = self.empty
-        return self.latents[idx], ids
+        dropped = torch.rand(n, generator=gen) < dropout
+        ids[dropped] = self.empty
+        if not grounding:
+            return self.latents[idx], ids
+        owners = self.owners[idx, order].clone()
+        owners[dropped] = -1
+        return self.latents[idx], ids, self.masks[idx], owners
+
+
+MAX_OBJECTS = 2
+
+
+def object_masks(scenes: list[Scene], size: int, latent_hw) -> torch.Tensor:
+    """(N, MAX_OBJECTS, h, w) float: the fraction of each latent cell an object covers (0 for absent objects)."""
+    out = torch.zeros(len(scenes), MAX_OBJECTS, size, size)
+    for i, scene in enumerate(scenes):
+        for j, obj in enumerate(scene.objects):
+            out[i, j] = torch.from_numpy(world_object_mask(obj, size))
+    return F.adaptive_avg_pool2d(out, tuple(latent_hw))
+
+
+def word_owners(scene: Scene, order: tuple[int, ...], length: int) -> list[int]:
+    """For `caption(scene, order)` tokenized to `length`: at each position, the index (into scene.objects) of the
+    object whose colour, shape or position word sits there, else -1. Every caption word is one token (checked
+    by build.check_tokenizer), after BOS."""
+    owners = [-1] * length
+    position = 1  # after BOS
+    for k, j in enumerate(order):
+        if k:
+            position += 1  # "and"
+        obj = scene.objects[j]
+        for word in describe(obj).split():
+            if word in obj.kind:
+                owners[position] = j
+            position += 1
+    return owners
 
 
 # ----------------------------------------------------------------------------- losses
@@ -148,7 +198,7 @@ def vae_loss(vae, x: torch.Tensor) -> torch.Tensor:
 
 
 def encode_text(text_encoder, ids: torch.Tensor, empty: torch.Tensor | None = None, context_dropout: float = 0.0,
-                gen: torch.Generator | None = None, prefix_dropout: float = 0.0) -> torch.Tensor:
+                gen: torch.Generator | None = None, prefix_dropout: float = 0.0, return_cut: bool = False):
     """The text states the UNet cross-attends to, with *context dropout*: for a `context_dropout` fraction of
     the captions, the states from the end-of-text token on are replaced by the empty prompt's states there.
 
@@ -163,9 +213,13 @@ def encode_text(text_encoder, ids: torch.Tensor, empty: torch.Tensor | None = No
     every prefix "a red circle on the left and a blue" of the captions. A causal encoder writes each word into
     every later state, so with whole captions only the UNet reads a colour from the shape word after it, and
     the colour word's own map goes flat; a prefix that ends at the colour word leaves that word the only place
-    to read it from."""
+    to read it from.
+
+    With `return_cut`, also returns each caption's cut: its states from that position on are the empty prompt's
+    (the length of the sequence where nothing was replaced)."""
     if empty is None or (context_dropout <= 0 and prefix_dropout <= 0):
-        return text_encoder(ids)[0]
+        states = text_encoder(ids)[0]
+        return (states, torch.full((len(ids),), ids.shape[1])) if return_cut else states
     states = text_encoder(torch.cat([ids, empty[None]]))[0]
     states, empty_states = states[:-1], states[-1:]
     n, length = ids.shape
@@ -180,25 +234,93 @@ def encode_text(text_encoder, ids: torch.Tensor, empty: torch.Tensor | None = No
         cut_at = 2 + (torch.rand(n, generator=gen) * (eos - 1).clamp(min=0)).long()
         cut = torch.where(prefix, torch.minimum(cut_at, cut), cut)
     replaced = torch.arange(length)[None, :] >= cut[:, None]
-    return torch.where(replaced[..., None], empty_states, states)
+    states = torch.where(replaced[..., None], empty_states, states)
+    return (states, cut) if return_cut else states
 
 
 def diffusion_loss(unet, text_encoder, scheduler, latents, ids, t, noise, *, empty=None, context_dropout=0.0,
                    gen=None, prefix_dropout=0.0) -> torch.Tensor:
-    """v-prediction loss, capped at low noise: weight min(snr + 1, 5) / (snr + 1).
+    """The v-prediction loss of `training_loss`, without grounding."""
+    return training_loss(unet, text_encoder, scheduler, latents, ids, t, noise, empty=empty,
+                         context_dropout=context_dropout, gen=gen, prefix_dropout=prefix_dropout)[0]
+
+
+def training_loss(unet, text_encoder, scheduler, latents, ids, t, noise, *, empty=None, context_dropout=0.0,
+                  gen=None, prefix_dropout=0.0, grounding=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(v-prediction loss, grounding loss). The first is capped at low noise: weight min(snr + 1, 5) / (snr + 1).
 
     That is min-SNR-5 in the v domain: plain v-loss (weight 1) up to snr = 4, where the layout is decided,
     and the min-SNR down-weighting of the detail steps beyond. (The usual min(snr, 5) / (snr + 1) goes to 0
     as snr -> 0, so with a zero-terminal-SNR schedule the steps that must read the layout from the text
-    would hardly be trained.)"""
+    would hardly be trained.)
+
+    `grounding` is (recorder, masks, owners): a `TrainingAttention` installed on the UNet's cross-attention
+    layers and the batch's object masks and token owners (`Pool.batch(grounding=True)`); without it the
+    grounding loss is 0. Tokens whose states were replaced by the empty prompt's (prefix or context dropout)
+    are not grounded: they no longer name their object."""
     noisy = scheduler.add_noise(latents, noise, t)
     target = scheduler.get_velocity(latents, noise, t)
-    pred = unet(noisy, t, encode_text(text_encoder, ids, empty, context_dropout, gen, prefix_dropout)).sample
+    states, cut = encode_text(text_encoder, ids, empty, context_dropout, gen, prefix_dropout, return_cut=True)
+    pred = unet(noisy, t, states).sample
     alpha_bar = scheduler.alphas_cumprod.to(latents.device)[t]
     snr = alpha_bar / (1 - alpha_bar)
     weight = (snr + 1).clamp(max=5.0) / (snr + 1)
     per_sample = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
-    return (weight * per_sample).mean()
+    v_loss = (weight * per_sample).mean()
+    if grounding is None:
+        return v_loss, torch.zeros(())
+    recorder, masks, owners = grounding
+    owners = torch.where(torch.arange(ids.shape[1])[None, :] < cut[:, None], owners, -1)
+    return v_loss, grounding_loss(recorder.maps, masks, owners, tuple(latents.shape[-2:]))
+
+
+class TrainingAttention:
+    """Collects the cross-attention probabilities of one UNet call, with their gradients, for `grounding_loss`.
+
+    It stands in for the `MapStore` of `processors.install`: `CaptureProcessor` in "explicit" mode computes the
+    seed formula softmax(Q K^T / sqrt(d)) V and hands each layer's probabilities to `record`, so training
+    grounds exactly the maps the app shows."""
+
+    def __init__(self):
+        self.maps: list[torch.Tensor] = []  # per layer: (B, queries, tokens), averaged over heads
+
+    def begin_call(self, latent_hw, timestep=None) -> None:
+        self.maps = []
+
+    def conditional(self, batch: int) -> slice:
+        return slice(0, batch)  # no guidance in training: every image's maps are kept
+
+    def record(self, layer: str, attention_probs: torch.Tensor, heads: int) -> None:
+        self.maps.append(attention_probs.unflatten(0, (-1, heads)).mean(1))
+
+    def flush(self) -> None:
+        pass
+
+
+def grounding_loss(maps: list[torch.Tensor], masks: torch.Tensor, owners: torch.Tensor,
+                   latent_hw: tuple[int, int]) -> torch.Tensor:
+    """Token grounding (in the spirit of TokenCompose, Wang et al. 2024): each word that names an object (its
+    colour, shape and position) should spread its cross-attention over that object and nowhere else.
+
+    For every such token and layer, the token's map over the layer's pixels, normalised to sum 1, is compared
+    with the object's mask (area fractions pooled to the layer's size), normalised the same way: the loss is
+    KL(mask || map), 0 when the map is uniform over the object. Averaged over tokens, then layers.
+
+    maps: per layer (B, queries, tokens); masks: (B, objects, h, w) at the latent size; owners: (B, tokens),
+    the object each token names or -1."""
+    b, tok = (owners >= 0).nonzero(as_tuple=True)
+    if len(b) == 0 or not maps:
+        return torch.zeros(())
+    losses = []
+    for probs in maps:
+        h, w = layer_hw(latent_hw, probs.shape[1])
+        target = F.adaptive_avg_pool2d(masks, (h, w)).flatten(2)[b, owners[b, tok]]  # (K, h * w)
+        target = target / target.sum(-1, keepdim=True)
+        word_map = probs[b, :, tok]  # (K, h * w)
+        word_map = word_map / word_map.sum(-1, keepdim=True)
+        kl = torch.xlogy(target, target) - target * torch.log(word_map.clamp_min(1e-12))
+        losses.append(kl.sum(-1).mean())
+    return torch.stack(losses).mean()
 
 
 def lr_lambda(warmup: int, total: int):
@@ -371,13 +493,21 @@ def main(argv: list[str] | None = None) -> int:
     stop = args.steps if args.stop_after is None else min(args.steps, step + args.stop_after)
     bar = tqdm(total=args.steps, initial=step, desc="unet", mininterval=10, file=sys.stdout)
     smooth, tick = None, time.time()
+    recorder = TrainingAttention()
+    grounded = contextlib.ExitStack()
+    if args.grounding > 0:  # the cross-attention layers compute the seed formula explicitly and keep their maps
+        grounded.enter_context(install(unet, recorder, lambda store, layer: CaptureProcessor(store, layer, "explicit")))
+    smooth_g = None
     while step < stop:
-        latents, ids = pool.batch(gen, args.batch_size, args.caption_dropout)
-        latents = latents * scaling
+        batch = pool.batch(gen, args.batch_size, args.caption_dropout, grounding=args.grounding > 0)
+        latents, ids = batch[0] * scaling, batch[1]
         t = torch.randint(0, scheduler.config.num_train_timesteps, (len(ids),), generator=gen)
         noise = torch.randn(latents.shape, generator=gen)
-        loss = diffusion_loss(unet, text_encoder, scheduler, latents, ids, t, noise, empty=pool.empty,
-                              context_dropout=args.context_dropout, gen=gen, prefix_dropout=args.prefix_dropout)
+        v_loss, g_loss = training_loss(unet, text_encoder, scheduler, latents, ids, t, noise, empty=pool.empty,
+                                       context_dropout=args.context_dropout, gen=gen,
+                                       prefix_dropout=args.prefix_dropout,
+                                       grounding=(recorder, *batch[2:]) if args.grounding > 0 else None)
+        loss = v_loss + args.grounding * g_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -387,12 +517,14 @@ def main(argv: list[str] | None = None) -> int:
         decay = min(args.ema, (1 + step) / (10 + step))
         ema_update(ema_unet, unet, decay)
         ema_update(ema_te, text_encoder, decay)
-        smooth = loss.item() if smooth is None else 0.98 * smooth + 0.02 * loss.item()
+        smooth = v_loss.item() if smooth is None else 0.98 * smooth + 0.02 * v_loss.item()
+        smooth_g = g_loss.item() if smooth_g is None else 0.98 * smooth_g + 0.02 * g_loss.item()
         bar.update(1)
         bar.set_postfix(loss=f"{smooth:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}", refresh=False)
         if step % args.log_every == 0:
             now = time.time()
-            bar.write(f"step {step}/{args.steps} loss {loss.item():.4f} smooth {smooth:.4f} "
+            grounding = f" grounding {smooth_g:.4f}" if args.grounding > 0 else ""
+            bar.write(f"step {step}/{args.steps} loss {v_loss.item():.4f} smooth {smooth:.4f}{grounding} "
                       f"lr {sched.get_last_lr()[0]:.2e} {(now - tick) / args.log_every:.2f} s/step")
             sys.stdout.flush()
             tick = now
@@ -400,6 +532,7 @@ def main(argv: list[str] | None = None) -> int:
             checkpoint("timer")
             last_save = time.time()
     bar.close()
+    grounded.close()
     checkpoint("done" if step >= args.steps else "stop")
     return 0
 
