@@ -52,13 +52,13 @@ def test_fixed_caption_draws_the_right_colours_and_shapes_in_the_right_halves(pi
     verdict = judge(image, KINDS)
     assert all(o.colour_ok for o in verdict.objects), verdict
     assert verdict.ok, verdict
-    # each colour and shape word's map (the default view) lands on its own object rather than on the other one
-    # (on the shipped weights: red 0.74, circle 0.43, blue 0.56, square 0.60 against 0.0 for the other object)
+    # each colour, shape and position word's map (the default view) lands on its own object and not on the other
+    # one (on the shipped weights: IoU 0.87-0.89 with its object's mask, 0.0 with the other's)
     masks = [object_mask(image, c, p) for c, _, p in KINDS]
-    for i, (colour, shape, _) in enumerate(KINDS):
-        for word in (colour, shape):
+    for i, kind in enumerate(KINDS):
+        for word in kind:
             m = region(result.heatmap(word))
-            assert iou(m, masks[i]) > 0.3 > 0.05 > iou(m, masks[1 - i]), word
+            assert iou(m, masks[i]) > 0.6 > 0.05 > iou(m, masks[1 - i]), word
 
 
 def test_generation_is_deterministic_and_capture_leaves_the_image_alone(pipe):

@@ -7,6 +7,8 @@ the text encoder jointly: v-prediction on a zero-terminal-SNR schedule, v-loss w
 style down-weighting of low-noise steps, AdamW with warm-up and a
 cosine decay to 10% over --steps, EMA weights, 10% of captions dropped to "" (what the
 pipeline encodes as the unconditional prompt). Held-out scene types are never trained on.
+Optionally (--grounding W) a token-grounding loss pulls each colour, shape and position word's
+cross-attention map onto its object's mask, which the synthetic world knows exactly.
 
 Every --checkpoint-minutes the full state goes to OUT/checkpoint.pt (atomically) and the EMA
 weights are exported as a diffusers StableDiffusionPipeline folder (atomically), so the
