@@ -12,13 +12,18 @@ SMOKE = ["--steps", "4", "--vae-steps", "2", "--batch-size", "4", "--vae-batch-s
          "--pool-size", "16", "--threads", "1", "--log-every", "2"]
 
 
-def test_diffusion_loss_falls_on_a_fixed_batch():
+def untrained(p_two: float = 0.7):
+    """Seeded untrained text encoder and UNet, and a pool of 8 scenes."""
     torch.manual_seed(0)
     tokenizer = build.build_tokenizer()
     vae = build.build_vae().eval().requires_grad_(False)
     text_encoder = build.build_text_encoder(len(tokenizer))
     unet = build.build_unet()
-    pool = train.Pool(vae, tokenizer, seed=0, size=8, p_two=0.7)
+    return text_encoder, unet, train.Pool(vae, tokenizer, seed=0, size=8, p_two=p_two)
+
+
+def test_diffusion_loss_falls_on_a_fixed_batch():
+    text_encoder, unet, pool = untrained()
     gen = torch.Generator().manual_seed(0)
     latents, ids = pool.batch(gen, 8, dropout=0.0)
     latents = latents / pool.latents.std()
@@ -207,12 +212,7 @@ def test_grounding_trains_the_maps_the_app_shows():
     processor in explicit mode; prefix-cut tokens are not grounded."""
     from crossattn_sd.processors import CaptureProcessor, install
 
-    torch.manual_seed(0)
-    tokenizer = build.build_tokenizer()
-    vae = build.build_vae().eval().requires_grad_(False)
-    text_encoder = build.build_text_encoder(len(tokenizer))
-    unet = build.build_unet()
-    pool = train.Pool(vae, tokenizer, seed=0, size=8, p_two=1.0)
+    text_encoder, unet, pool = untrained(p_two=1.0)
     latents, ids, masks, owners = pool.batch(torch.Generator().manual_seed(0), 8, dropout=0.0, grounding=True)
     latents = latents / pool.latents.std()
     scheduler = build.train_scheduler()

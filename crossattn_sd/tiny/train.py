@@ -47,6 +47,7 @@ from .world import Scene, caption, describe, render, sample_scene
 from .world import object_mask as world_object_mask
 
 CHECKPOINT = "checkpoint.pt"
+MAX_OBJECTS = 2  # a scene holds one object or two
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -161,8 +162,6 @@ class Pool:
         owners[dropped] = -1
         return self.latents[idx], ids, self.masks[idx], owners
 
-
-MAX_OBJECTS = 2
 
 
 def object_masks(scenes: list[Scene], size: int, latent_hw) -> torch.Tensor:
