@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .config import EMBEDDED, EMBEDDED_MODEL_DIR, EMBEDDED_PRESET, GenerationDefaults, load_presets
+from .config import EMBEDDED, EMBEDDED_MODEL_DIR, EMBEDDED_PRESET, MAP_LAYERS, GenerationDefaults, load_presets
 from .maps import DEFAULT_MAX_STEP_BYTES
 from .processors import MODES
 from .result import GenerationResult
@@ -195,6 +195,7 @@ def generate(
     keep_heads: bool = False,
     max_step_bytes: int = DEFAULT_MAX_STEP_BYTES,
     processor=None,
+    map_layers: str | None = None,
     progress: Callable[[int, int], None] | None = None,
     cancel: threading.Event | None = None,
 ) -> GenerationResult:
@@ -218,6 +219,8 @@ def generate(
         max_step_bytes (`int`): memory budget for per-step maps.
         processor (`ProcessorSpec`, *optional*): a steering processor (see `steering.py`); default: capture.
             The edit processor returns two images, [source, edit], for one source prompt.
+        map_layers (`str`, *optional*): the result's default map view, "all" (every layer) or "finest" (the
+            largest map size); default from the model's preset.
         progress (callable, *optional*): called as `progress(step, total)` after each denoising step.
         cancel (`threading.Event`, *optional*): set it to stop; `GenerationCancelled` is raised.
 
@@ -237,6 +240,9 @@ def generate(
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
     defaults = getattr(pipe, "crossattn_defaults", None) or GenerationDefaults()
+    map_layers = defaults.map_layers if map_layers is None else map_layers
+    if map_layers not in MAP_LAYERS:
+        raise ValueError(f"map_layers={map_layers!r} is not a map view; use one of {', '.join(MAP_LAYERS)}")
     factor = int(getattr(pipe, "vae_scale_factor", 8))
     native = int(pipe.unet.config.sample_size) * factor
     steps = _check_int("steps", defaults.steps if steps is None else steps, 1, 1000)
@@ -310,6 +316,6 @@ def generate(
         num_images_per_prompt=num_images_per_prompt, scheduler=scheduler or "default",
         scheduler_class=type(new_scheduler or old_scheduler).__name__, layers=layers, keep_heads=keep_heads,
         processor=spec.to_dict(), model=getattr(pipe, "crossattn_source", None) or pipe.config.get("_name_or_path"),
-        map_layers=defaults.map_layers,
+        map_layers=map_layers,
     )
     return GenerationResult(images=images, alignments=alignments, store=store, settings=settings)

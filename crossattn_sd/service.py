@@ -420,8 +420,7 @@ class AttentionService:
             self.pipe, req.prompt, negative_prompt=req.negative_prompt or None, seed=req.seed, steps=req.steps,
             guidance_scale=req.guidance, height=req.height, width=req.width, mode=spec.mode, per_step=req.per_step,
             scheduler=None if req.scheduler == "default" else req.scheduler, keep_heads=True, processor=spec,
-            progress=progress, cancel=flag)
-        result.settings["map_layers"] = self.preset.map_layers  # this service's preset, whatever pipe it was given
+            map_layers=self.preset.map_layers, progress=progress, cancel=flag)  # this service's preset, whatever pipe
         return self._store(result, time.perf_counter() - start)
 
     def _store(self, result: GenerationResult, seconds: float | None) -> Entry:

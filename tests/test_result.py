@@ -88,6 +88,15 @@ def test_a_model_without_a_preset_defaults_to_every_layer(result):
     np.testing.assert_array_equal(finest.heatmap("red"), result.heatmap("red", resolutions=[(16, 24)]))
 
 
+
+def test_generate_takes_the_default_view_as_an_argument():
+    pipe = tiny_sd_pipeline()
+    finest = generate(pipe, "a red square", steps=1, height=H, width=W, map_layers="finest")
+    assert finest.settings["map_layers"] == "finest" and finest.default_resolutions() == [(16, 24)]
+    with pytest.raises(ValueError, match="map_layers='best' is not a map view; use one of all, finest"):
+        generate(pipe, "a red square", steps=1, map_layers="best")
+
+
 def test_heads_and_steps_selectors(result):
     heads = result.store.num_heads(result.store.layers[0])
     per_head = [result.heatmap("red", head=h, normalize_by="none") for h in range(heads)]

@@ -247,3 +247,13 @@ def test_smoke_run_with_grounding(tmp_path, capsys):
     assert "grounding" in out
     ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
     assert ckpt["step"] == 4 and ckpt["args"]["grounding"] == 0.1
+
+
+def test_bad_dropout_or_grounding_values_are_refused(tmp_path, capsys):
+    for flag, value, message in (("--prefix-dropout", "1.5", "--prefix-dropout 1.5: give a fraction from 0 to 1"),
+                                 ("--caption-dropout", "-0.1", "--caption-dropout -0.1: give a fraction"),
+                                 ("--grounding", "-1", "--grounding -1.0: give a weight >= 0"),
+                                 ("--grounding", "nan", "--grounding nan: give a weight")):
+        assert train.main(["--out", str(tmp_path / "run"), *SMOKE, flag, value]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # refused before the run folder is made

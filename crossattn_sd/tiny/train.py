@@ -386,6 +386,13 @@ def export(folder: Path, vae, ema_text_encoder, tokenizer, ema_unet) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    for name, top in (("context_dropout", 1.0), ("prefix_dropout", 1.0), ("caption_dropout", 1.0),
+                      ("grounding", math.inf)):
+        value = getattr(args, name)
+        if not (0 <= value <= top and math.isfinite(value)):  # NaN fails too
+            wanted = "a fraction from 0 to 1" if top == 1.0 else "a weight >= 0"
+            print(f"--{name.replace('_', '-')} {value}: give {wanted}", file=sys.stderr)
+            return 2
     if args.init_from is not None and args.resume:
         print("--init-from starts a new run and --resume continues one: give only one of them", file=sys.stderr)
         return 2
