@@ -416,11 +416,12 @@ class AttentionService:
         if flag.is_set():  # stopped while waiting in the queue
             raise GenerationCancelled("generation was cancelled")
         start = time.perf_counter()
+        # the default map view is this service's preset's, whatever pipe it was given
         result = generate(
             self.pipe, req.prompt, negative_prompt=req.negative_prompt or None, seed=req.seed, steps=req.steps,
             guidance_scale=req.guidance, height=req.height, width=req.width, mode=spec.mode, per_step=req.per_step,
             scheduler=None if req.scheduler == "default" else req.scheduler, keep_heads=True, processor=spec,
-            map_layers=self.preset.map_layers, progress=progress, cancel=flag)  # this service's preset, whatever pipe
+            map_layers=self.preset.map_layers, progress=progress, cancel=flag)
         return self._store(result, time.perf_counter() - start)
 
     def _store(self, result: GenerationResult, seconds: float | None) -> Entry:

@@ -88,7 +88,6 @@ def test_a_model_without_a_preset_defaults_to_every_layer(result):
     np.testing.assert_array_equal(finest.heatmap("red"), result.heatmap("red", resolutions=[(16, 24)]))
 
 
-
 def test_generate_takes_the_default_view_as_an_argument():
     pipe = tiny_sd_pipeline()
     finest = generate(pipe, "a red square", steps=1, height=H, width=W, map_layers="finest")

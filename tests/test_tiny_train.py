@@ -168,10 +168,7 @@ def test_word_owners_point_each_object_word_at_its_object():
 
 
 def test_pool_grounding_batch_draws_the_same_batch():
-    tokenizer = build.build_tokenizer()
-    torch.manual_seed(0)
-    vae = build.build_vae().eval().requires_grad_(False)
-    pool = train.Pool(vae, tokenizer, seed=0, size=8, p_two=0.7)
+    _, _, pool = untrained()
     assert pool.masks.shape == (8, train.MAX_OBJECTS, 16, 16) and pool.masks.max() <= 1
     # every object covers some of the latent, absent second objects nothing
     assert (pool.masks.sum((2, 3)) > 0).sum() == (pool.owners[:, 0].amax(1) + 1).sum()
@@ -209,9 +206,7 @@ def test_grounding_loss_is_zero_for_a_map_spread_over_its_object():
 
 def test_grounding_trains_the_maps_the_app_shows():
     """A few steps on the grounding loss alone move the tokens' maps onto their objects, through the capture
-    processor in explicit mode; prefix-cut tokens are not grounded."""
-    from crossattn_sd.processors import CaptureProcessor, install
-
+    processor in explicit mode (`record_attention`); prefix-cut tokens are not grounded."""
     text_encoder, unet, pool = untrained(p_two=1.0)
     latents, ids, masks, owners = pool.batch(torch.Generator().manual_seed(0), 8, dropout=0.0, grounding=True)
     latents = latents / pool.latents.std()
@@ -222,7 +217,7 @@ def test_grounding_trains_the_maps_the_app_shows():
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=1e-3)
     before = unet.attn_processors
-    with install(unet, recorder, lambda store, layer: CaptureProcessor(store, layer, "explicit")):
+    with train.record_attention(unet, recorder):
         losses = []
         for _ in range(15):
             v_loss, g_loss = train.training_loss(unet, text_encoder, scheduler, latents, ids, t, noise,

@@ -163,7 +163,6 @@ class Pool:
         return self.latents[idx], ids, self.masks[idx], owners
 
 
-
 def object_masks(scenes: list[Scene], size: int, latent_hw) -> torch.Tensor:
     """(N, MAX_OBJECTS, h, w) float: the fraction of each latent cell an object covers (0 for absent objects)."""
     out = torch.zeros(len(scenes), MAX_OBJECTS, size, size)
@@ -296,6 +295,12 @@ class TrainingAttention:
 
     def flush(self) -> None:
         pass
+
+
+def record_attention(unet, recorder: TrainingAttention):
+    """Context manager: the UNet's cross-attention layers compute the seed formula explicitly and hand their
+    probabilities to `recorder`; the original processors are restored on exit."""
+    return install(unet, recorder, lambda store, layer: CaptureProcessor(store, layer, "explicit"))
 
 
 def grounding_loss(maps: list[torch.Tensor], masks: torch.Tensor, owners: torch.Tensor,
@@ -501,20 +506,21 @@ def main(argv: list[str] | None = None) -> int:
     stop = args.steps if args.stop_after is None else min(args.steps, step + args.stop_after)
     bar = tqdm(total=args.steps, initial=step, desc="unet", mininterval=10, file=sys.stdout)
     smooth, tick = None, time.time()
+    grounding = args.grounding > 0
     recorder = TrainingAttention()
     grounded = contextlib.ExitStack()
-    if args.grounding > 0:  # the cross-attention layers compute the seed formula explicitly and keep their maps
-        grounded.enter_context(install(unet, recorder, lambda store, layer: CaptureProcessor(store, layer, "explicit")))
+    if grounding:
+        grounded.enter_context(record_attention(unet, recorder))
     smooth_g = None
     while step < stop:
-        batch = pool.batch(gen, args.batch_size, args.caption_dropout, grounding=args.grounding > 0)
+        batch = pool.batch(gen, args.batch_size, args.caption_dropout, grounding=grounding)
         latents, ids = batch[0] * scaling, batch[1]
         t = torch.randint(0, scheduler.config.num_train_timesteps, (len(ids),), generator=gen)
         noise = torch.randn(latents.shape, generator=gen)
         v_loss, g_loss = training_loss(unet, text_encoder, scheduler, latents, ids, t, noise, empty=pool.empty,
                                        context_dropout=args.context_dropout, gen=gen,
                                        prefix_dropout=args.prefix_dropout,
-                                       grounding=(recorder, *batch[2:]) if args.grounding > 0 else None)
+                                       grounding=(recorder, *batch[2:]) if grounding else None)
         loss = v_loss + args.grounding * g_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -531,8 +537,8 @@ def main(argv: list[str] | None = None) -> int:
         bar.set_postfix(loss=f"{smooth:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}", refresh=False)
         if step % args.log_every == 0:
             now = time.time()
-            grounding = f" grounding {smooth_g:.4f}" if args.grounding > 0 else ""
-            bar.write(f"step {step}/{args.steps} loss {v_loss.item():.4f} smooth {smooth:.4f}{grounding} "
+            g_text = f" grounding {smooth_g:.4f}" if grounding else ""
+            bar.write(f"step {step}/{args.steps} loss {v_loss.item():.4f} smooth {smooth:.4f}{g_text} "
                       f"lr {sched.get_last_lr()[0]:.2e} {(now - tick) / args.log_every:.2f} s/step")
             sys.stdout.flush()
             tick = now
