@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the web UI", formatter_class=fmt)
     serve.add_argument("--host", default="127.0.0.1", help="interface to listen on")
     serve.add_argument("--port", type=int, default=7860, help="port")
-    serve.add_argument("--model", default=EMBEDDED_PRESET.name, help="model preset name from configs/")
+    serve.add_argument("--model", default=EMBEDDED_PRESET.name, help="model preset name (see `crossattn-sd presets`)")
     serve.add_argument("--share", action="store_true", help="create a public Gradio share link")
     serve.add_argument("--auth", default=None, help="user:password required to use the UI")
     serve.add_argument("--outputs", default="outputs", help="save every generation here ('' to disable)")
@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("args", nargs=argparse.REMAINDER, help="see `crossattn-sd train-tiny --help`")
     ev = sub.add_parser("eval-tiny", help="evaluate the embedded model on held-out captions", add_help=False)
     ev.add_argument("args", nargs=argparse.REMAINDER, help="see `crossattn-sd eval-tiny --help`")
-    sub.add_parser("presets", help="list the model presets in configs/", formatter_class=fmt)
+    sub.add_parser("presets", help="list the model presets in crossattn_sd/configs/", formatter_class=fmt)
     return parser
 
 

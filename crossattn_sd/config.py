@@ -1,4 +1,4 @@
-"""Typed settings: model presets (from `configs/*.yaml`) and generation defaults.
+"""Typed settings: model presets (from `crossattn_sd/configs/*.yaml`) and generation defaults.
 
 YAML files only fill in these dataclasses; an unknown key is an error, so a typo never passes silently.
 """
@@ -11,8 +11,7 @@ from pathlib import Path
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 EMBEDDED_MODEL_DIR = PACKAGE_DIR / "tiny" / "weights"
-# configs/ ships next to the package in a checkout; installed copies read the package's own.
-CONFIG_DIRS = (PACKAGE_DIR.parent / "configs", PACKAGE_DIR / "configs")
+CONFIG_DIR = PACKAGE_DIR / "configs"  # package data: a wheel installs it with the code
 EMBEDDED = "embedded"
 MAP_LAYERS = ("all", "finest")  # ModelPreset.map_layers
 
@@ -74,18 +73,14 @@ def from_dict(cls, data: dict, where: str = "config"):
 
 
 def load_presets() -> dict[str, ModelPreset]:
-    """All presets from `configs/*.yaml` (one preset per file, named by the file), plus the embedded one."""
+    """All presets from `crossattn_sd/configs/*.yaml` (one preset per file, named by the file), plus the embedded one."""
     import yaml
 
     presets = {EMBEDDED_PRESET.name: EMBEDDED_PRESET}
-    for folder in CONFIG_DIRS:
-        if not folder.is_dir():
-            continue
-        for path in sorted(folder.glob("*.yaml")):
-            data = yaml.safe_load(path.read_text()) or {}
-            data.setdefault("name", path.stem)
-            presets[data["name"]] = from_dict(ModelPreset, data, where=str(path))
-        break
+    for path in sorted(CONFIG_DIR.glob("*.yaml")):
+        data = yaml.safe_load(path.read_text()) or {}
+        data.setdefault("name", path.stem)
+        presets[data["name"]] = from_dict(ModelPreset, data, where=str(path))
     return presets
 
 

@@ -56,7 +56,7 @@ def load_pipeline(model: str | None = None, *, device: str | None = None, dtype:
 
     Args:
         model (`str`, *optional*): `None` or "embedded" for the embedded shapes-world model; a preset name from
-            `configs/` (e.g. "sd15"); a local folder in Diffusers layout; or a Hugging Face Hub id.
+            `crossattn_sd/configs/` (e.g. "sd15"); a local folder in Diffusers layout; or a Hugging Face Hub id.
         device (`str`, *optional*): "cuda", "mps" or "cpu"; default: the best available.
         dtype (`torch.dtype` or `str`, *optional*): default float16 on CUDA for real checkpoints, else float32.
         offload (`bool`): use accelerate's model CPU offload (CUDA only) to save GPU memory.
