@@ -132,6 +132,9 @@ class Handlers:
         """
         req = self.request(prompt, negative_prompt, seed, steps, guidance, width, height, scheduler, mode,
                            processor, weights, edit_prompt, inject, per_step, processor_layers)
+        note = self.service.vocabulary_note(req)
+        if note:  # shown at once, while the run goes on: the user may want to see what such words do
+            gr.Warning(note[0].upper() + note[1:] + ".", title="Unknown words")
         entry = self.service.generate(req, session=_session(request), progress=_progress(progress))
         history = self.service.add_to_history(history, entry)
         return entry.image, entry.prompt_words, str(entry.bundle), entry, history
