@@ -186,6 +186,27 @@ def read_rows(path: str | Path, defaults: dict | None = None) -> list[Row]:
     return [_resolve(i, n, values, defaults) for i, (n, values) in enumerate(records)]
 
 
+def make_rows(records: Sequence[dict], defaults: dict | None = None) -> list[Row]:
+    """Rows from dicts of columns (e.g. an evaluation's captions and seeds); row i is line i + 1."""
+    defaults = {k: v for k, v in (defaults or {}).items() if k in COLUMNS and k != "prompt"}
+    for i, record in enumerate(records):
+        unknown = [c for c in record if c not in COLUMNS]
+        if unknown:
+            raise ValueError(f"record {i}: unknown column {unknown[0]!r}; the columns are {', '.join(COLUMNS)}")
+    return [_resolve(i, i + 1, dict(record), defaults) for i, record in enumerate(records)]
+
+
+def process_state(cpu: bool | None = None):
+    """accelerate's `PartialState` for this process (one of the processes `accelerate launch` or torchrun
+    started, or the only one). `cpu`: run on the CPU; default: when torch sees no accelerator. (cpu=True is what
+    makes accelerate form a gloo group of CPU processes; the first call in a process decides.)"""
+    import torch
+    from accelerate import PartialState
+
+    cpu = not torch.accelerator.is_available() if cpu is None else cpu
+    return PartialState(cpu=cpu, timeout=BARRIER_TIMEOUT)
+
+
 # -- the index -----------------------------------------------------------------------------------------------
 
 def _read_lines(path: Path) -> list[dict]:
@@ -296,7 +317,7 @@ def run_row(pipe, row: Row, out: Path, process: int = 0) -> dict:
 
 
 def run_batch(rows: Sequence[Row], out: str | Path, load: Callable[[str], object], *, model: str | None = None,
-              cpu: bool | None = None, progress: bool = True) -> list[dict]:
+              cpu: bool | None = None, progress: bool = True, desc: str = "batch") -> list[dict]:
     """Run every unfinished row, split between accelerate's processes; returns the merged index (every process).
 
     Args:
@@ -306,16 +327,11 @@ def run_batch(rows: Sequence[Row], out: str | Path, load: Callable[[str], object
             device); returns the pipeline.
         model (`str`, *optional*): the model's name, recorded in the index: a row finished with another model
             is run again.
-        cpu (`bool`, *optional*): run on the CPU (processes talk through gloo); default: when torch sees no
-            accelerator.
+        cpu (`bool`, *optional*): run on the CPU; default: when torch sees no accelerator (see `process_state`).
         progress (`bool`): a progress bar (rows of every process, with ETA) on the main process.
+        desc (`str`): the progress bar's label.
     """
-    import torch
-    from accelerate import PartialState
-
-    cpu = not torch.accelerator.is_available() if cpu is None else cpu
-    # cpu=True is what makes accelerate form a gloo group of CPU processes started by torchrun
-    state = PartialState(cpu=cpu, timeout=BARRIER_TIMEOUT)
+    state = process_state(cpu)
     out = Path(out)
     if state.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -327,7 +343,7 @@ def run_batch(rows: Sequence[Row], out: str | Path, load: Callable[[str], object
     part = out / WORK / "parts" / f"index-{state.process_index}.jsonl"
     with state.split_between_processes(list(todo)) as mine:
         pipe = load(state.device.type) if mine else None
-        bar = _progress_bar(len(todo), len(rows) - len(todo), progress and state.is_main_process)  # after loading
+        bar = _progress_bar(len(todo), len(rows) - len(todo), progress and state.is_main_process, desc)
         for row in mine:
             line = run_row(pipe, row, out, state.process_index)
             line["model"] = model
@@ -346,12 +362,13 @@ def run_batch(rows: Sequence[Row], out: str | Path, load: Callable[[str], object
     return _read_lines(out / INDEX)
 
 
-def _progress_bar(total: int, skipped: int, show: bool):
+def _progress_bar(total: int, skipped: int, show: bool, desc: str):
+    """Started after the model loads, so its rate and ETA are the rows'."""
     if not show:
         return None
     from tqdm.auto import tqdm
 
-    desc = f"batch ({skipped} done before)" if skipped else "batch"
+    desc = f"{desc} ({skipped} done before)" if skipped else desc
     return tqdm(total=total, desc=desc, unit="row", file=sys.stderr, dynamic_ncols=True)
 
 

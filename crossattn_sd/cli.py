@@ -267,9 +267,7 @@ def cmd_serve(args) -> int:
 
 
 def cmd_batch(args) -> int:
-    from accelerate import PartialState
-
-    from .batch import COLUMNS, read_rows, run_batch, summary_text
+    from .batch import COLUMNS, process_state, read_rows, run_batch, summary_text
 
     rows = read_rows(args.prompts, {c: getattr(args, c) for c in COLUMNS if c != "prompt"})  # before any loading
     if args.threads:
@@ -284,7 +282,7 @@ def cmd_batch(args) -> int:
 
     index = run_batch(rows, args.out, load, model=args.model, cpu=True if args.device == "cpu" else None,
                       progress=not args.quiet)
-    if PartialState().is_main_process:
+    if process_state().is_main_process:
         print(summary_text(index, args.out))
     return 0  # failed rows are data (in the index), not a failed run: launchers report a non-zero exit as a crash
 
