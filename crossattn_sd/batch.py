@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import re
 import shutil
 import sys
@@ -94,12 +95,17 @@ def _convert(column: str, value):
         raise ValueError(f"{column}={value!r} is not a boolean; use true or false")
     if isinstance(value, bool):
         raise ValueError(f"{column}={value!r} must be a number")
+    if kind is int and isinstance(value, (int, str)):
+        try:
+            return int(value)  # exactly, not through a float (seeds go up to 2**63 - 1)
+        except ValueError:
+            pass
     try:
         number = float(value)
     except (TypeError, ValueError):
         raise ValueError(f"{column}={value!r} is not a number") from None
     if kind is int:
-        if number != int(number):
+        if not math.isfinite(number) or number != int(number):
             raise ValueError(f"{column}={value!r} must be an integer")
         return int(number)
     return number

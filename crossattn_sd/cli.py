@@ -270,6 +270,8 @@ def cmd_batch(args) -> int:
     from .batch import COLUMNS, process_state, read_rows, run_batch, summary_text
 
     rows = read_rows(args.prompts, {c: getattr(args, c) for c in COLUMNS if c != "prompt"})  # before any loading
+    cpu = True if args.device == "cpu" else None
+    state = process_state(cpu)  # first: accelerate may set the thread count of CPU processes
     if args.threads:
         import torch
 
@@ -280,9 +282,8 @@ def cmd_batch(args) -> int:
 
         return load_pipeline(args.model, device=args.device or device, dtype=args.dtype, offload=args.offload)
 
-    index = run_batch(rows, args.out, load, model=args.model, cpu=True if args.device == "cpu" else None,
-                      progress=not args.quiet)
-    if process_state().is_main_process:
+    index = run_batch(rows, args.out, load, model=args.model, cpu=cpu, progress=not args.quiet)
+    if state.is_main_process:
         print(summary_text(index, args.out))
     return 0  # failed rows are data (in the index), not a failed run: launchers report a non-zero exit as a crash
 
