@@ -370,7 +370,7 @@ def run_batch(rows: Sequence[Row], out: str | Path, load: Callable[[str], object
 
 def _progress_bar(total: int, skipped: int, show: bool, desc: str):
     """Started after the model loads, so its rate and ETA are the rows'."""
-    if not show:
+    if not show or not total:
         return None
     from tqdm.auto import tqdm
 

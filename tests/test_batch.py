@@ -221,3 +221,25 @@ def test_two_processes_write_the_same_files_as_one(sd_pipe_dir, tmp_path):
     assert len(a) == 6 * 4 + 1  # the edit row has image-1.png too
     assert a.keys() == b.keys()
     assert [k for k in a if a[k] != b[k]] == []
+
+
+def test_eval_tiny_scores_its_bundles_as_the_results_in_memory_and_resumes(tmp_path):
+    from crossattn_sd import generate, load_pipeline
+    from crossattn_sd.tiny import evaluate as ev
+
+    pipe = load_pipeline(device="cpu")  # the embedded model
+    out = tmp_path / "eval"
+    summary = ev.evaluate(pipe, n=2, out=out, progress=False)
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("0*/*")}
+    assert len(stamps) == 2 * 4
+    assert ev.evaluate(pipe, n=2, out=out, progress=False) == summary  # resumed: nothing generated again
+    assert {p: p.stat().st_mtime_ns for p in out.glob("0*/*")} == stamps
+
+    tally = ev.Tally()
+    for text, kinds, seed in ev.captions(2, 0):
+        ev.score(tally, generate(pipe, text, seed=seed), kinds)
+    expected = tally.summary()
+    assert summary["median_seconds_per_image"] > 0
+    for s in (summary, expected):
+        s.pop("median_seconds_per_image")
+    assert {k: v for k, v in summary.items() if k != "map_view"} == expected
