@@ -1,6 +1,6 @@
 """crossattn-sd: generate images and see where each word of the prompt went.
 
-Subcommands: generate, compare, serve, train-tiny, eval-tiny, presets. Run `crossattn-sd SUBCOMMAND --help`.
+Subcommands: generate, compare, batch, serve, train-tiny, eval-tiny, presets. Run `crossattn-sd SUBCOMMAND --help`.
 A thin argparse layer over the same functions the web UI calls.
 """
 
@@ -48,6 +48,40 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"),
                    help="model dtype (default: float16 on CUDA for real checkpoints, else float32)")
     p.add_argument("--offload", action="store_true", help="model CPU offload via accelerate (saves GPU memory)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _add_batch_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("prompts", type=Path, help="prompt file: .txt (one prompt a line), .jsonl or .csv with columns "
+                   "prompt, negative_prompt, seed, steps, guidance, height, width, scheduler, mode, processor, "
+                   "weights, edit_prompt, inject, layers, per_step (the options below are every row's defaults)")
+    p.add_argument("--out", required=True, type=Path, help="output folder: a bundle folder per row and index.jsonl "
+                   "(a rerun into the same folder skips finished rows)")
+    p.add_argument("--model", default=None, help="preset name (see `crossattn-sd presets`), local Diffusers "
+                   "folder, or Hub id; default: the embedded shapes-world model")
+    p.add_argument("--negative-prompt", default=None, help="negative prompt (used when guidance > 1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model preset's)")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: preset's)")
+    p.add_argument("--height", type=int, default=None, help="image height in pixels (default: preset's)")
+    p.add_argument("--width", type=int, default=None, help="image width in pixels (default: preset's)")
+    p.add_argument("--scheduler", default="default", help="scheduler: default, dpm++, euler, euler-a, ddim, unipc, pndm")
+    p.add_argument("--mode", default="exact", choices=("exact", "explicit"),
+                   help="capture mode: exact (images identical to Diffusers) or explicit (probs @ V)")
+    p.add_argument("--processor", default="capture", choices=("default", "capture", "reweight", "edit"),
+                   help="attention processor on the cross-attention layers")
+    p.add_argument("--weights", default="", help="reweight: word:weight pairs, e.g. 'circle:2.0, red:0.5'")
+    p.add_argument("--edit-prompt", default=None, help="edit: the edited prompt (same seed, source maps injected)")
+    p.add_argument("--inject", type=float, default=0.8, help="edit: fraction of steps that use the source's maps")
+    p.add_argument("--layers", default="*", help="cross-attention layers the processor goes on: glob patterns of "
+                   "layer names or map resolutions, comma-separated")
+    p.add_argument("--per-step", action="store_true", help="also keep per-step maps (timelines, step ranges)")
+    p.add_argument("--device", default=None, help="cuda, mps or cpu (default: this process's accelerate device)")
+    p.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"),
+                   help="model dtype (default: float16 on CUDA for real checkpoints, else float32)")
+    p.add_argument("--offload", action="store_true", help="model CPU offload via accelerate (saves GPU memory)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads per process (default: torch's or "
+                   "accelerate's choice); files are identical across runs at the same thread count")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -99,6 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval-tiny", help="evaluate the embedded model on held-out captions", add_help=False)
     ev.add_argument("args", nargs=argparse.REMAINDER, help="see `crossattn-sd eval-tiny --help`")
     sub.add_parser("presets", help="list the model presets in crossattn_sd/configs/", formatter_class=fmt)
+    batch = sub.add_parser("batch", help="generate every prompt of a file: a bundle folder per row and an index",
+                           description="Generate every row of a prompt file into a bundle folder each (image.png, "
+                           "maps.npz, meta.json, attention.safetensors) and index.jsonl (status, words, files, "
+                           "timings, errors). Resumable; under `accelerate launch -m crossattn_sd batch ...` the rows "
+                           "are split between the processes.", formatter_class=fmt)
+    _add_batch_args(batch)
     return parser
 
 
@@ -294,6 +334,28 @@ def cmd_serve(args) -> int:
                  dtype=args.dtype, offload=args.offload)
 
 
+def cmd_batch(args) -> int:
+    from .batch import COLUMNS, process_state, read_rows, run_batch, summary_text
+
+    rows = read_rows(args.prompts, {c: getattr(args, c) for c in COLUMNS if c != "prompt"})  # before any loading
+    cpu = True if args.device == "cpu" else None
+    state = process_state(cpu)  # first: accelerate may set the thread count of CPU processes
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+    def load(device: str):
+        from .pipeline import load_pipeline
+
+        return load_pipeline(args.model, device=args.device or device, dtype=args.dtype, offload=args.offload)
+
+    index = run_batch(rows, args.out, load, model=args.model, cpu=cpu, progress=not args.quiet)
+    if state.is_main_process:
+        print(summary_text(index, args.out))
+    return 0  # failed rows are data (in the index), not a failed run: launchers report a non-zero exit as a crash
+
+
 def cmd_presets(args) -> int:
     from .config import load_presets
 
@@ -314,7 +376,8 @@ def main(argv: list[str] | None = None) -> int:
         return eval_main(argv[1:])
     args = build_parser().parse_args(argv)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    commands = {"generate": cmd_generate, "compare": cmd_compare, "serve": cmd_serve, "presets": cmd_presets}
+    commands = {"generate": cmd_generate, "compare": cmd_compare, "serve": cmd_serve, "presets": cmd_presets,
+                "batch": cmd_batch}
     try:
         return commands[args.command](args)
     except (ValueError, FileNotFoundError, PermissionError, OSError) as err:

@@ -9,7 +9,12 @@ default view (the tiny preset's `map_layers: finest`: its 16x16 layers at 64 x 6
 unless `--resolutions` picks other layers, the IoU is also given for the map averaged over every layer, for the
 layers of each resolution alone, and by the object's place in the caption (first or second mentioned).
 
+The captions run through the batch engine (`crossattn-sd batch`'s): `--out DIR` keeps each caption's bundle and
+the index, a rerun into the same folder skips finished captions, and under `accelerate launch` the captions are
+split between the processes (the main process prints the summary).
+
     crossattn-sd eval-tiny --n 144 --seed 0
+    accelerate launch --multi_gpu --num_processes 2 -m crossattn_sd eval-tiny --n 144 --out runs/eval
 """
 
 from __future__ import annotations
@@ -17,8 +22,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
+import tempfile
+from contextlib import nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -96,57 +103,84 @@ def view_name(result, resolutions) -> str:
     return ", ".join(f"{h}x{w}" for h, w in default) + " layers (the model's default view)"
 
 
-def evaluate(pipe, n: int = 144, seed: int = 0, steps: int | None = None, guidance: float | None = None,
-             resolutions=None, progress: bool = True) -> dict:
-    """Run the evaluation; returns the summary dict (see module docstring). `resolutions`: None for the
-    model's default view, "all" for every layer, or map sizes as `GenerationResult.heatmap` takes them."""
-    from tqdm.auto import tqdm
+def score(tally: Tally, result, kinds: list[tuple[str, str, str]], resolutions=None) -> None:
+    """Add one generated caption (its result and its objects in caption order) to the tally."""
+    view = dict(layers="*") if resolutions == "all" else dict(resolutions=resolutions)
+    image = np.asarray(result.images[0])
+    verdict = judge(image, kinds)
+    tally.captions += 1
+    tally.captions_ok += verdict.ok
+    tally.objects += len(verdict.objects)
+    tally.objects_ok += sum(o.ok for o in verdict.objects)
 
-    from ..pipeline import generate
+    h, w = image.shape[:2]
+    uniform, gauss = region(np.ones((h, w))), region(gaussian_map(h, w))
+    masks = [object_mask(image, c, p) for c, _, p in kinds]
+    words = [w_.lower() for w_ in result.words]
+    for i, (colour, shape, _) in enumerate(kinds):
+        if not masks[i].any():
+            continue  # the object is missing: nothing to localise against
+        other = masks[1 - i] if len(kinds) == 2 else None
+        for kind, word in (("colour", colour), ("shape", shape)):
+            # occurrence: the k-th time this word appears among the caption's objects
+            occurrence = [c if kind == "colour" else s for c, s, _ in kinds][:i].count(word)
+            if words.count(word) <= occurrence:
+                continue
+            m = region(result.heatmap(word, occurrence=occurrence, **view))
+            tally.iou[f"{kind}/map"].append(iou(m, masks[i]))
+            if len(kinds) == 2:  # by the object's place in the caption (the text encoder is causal)
+                tally.iou.setdefault(f"{kind}/map#{i + 1}", []).append(iou(m, masks[i]))
+            if resolutions is None:  # every layer averaged, and each resolution's layers alone
+                every = region(result.heatmap(word, occurrence=occurrence, layers="*"))
+                tally.iou.setdefault(f"{kind}/every-layer", []).append(iou(every, masks[i]))
+                for hw in result.store.resolutions():
+                    one = region(result.heatmap(word, occurrence=occurrence, resolutions=[hw]))
+                    tally.iou.setdefault(f"{kind}/map@{hw[0]}x{hw[1]}", []).append(iou(one, masks[i]))
+            tally.iou[f"{kind}/uniform"].append(iou(uniform, masks[i]))
+            tally.iou[f"{kind}/gaussian"].append(iou(gauss, masks[i]))
+            if other is not None and other.any():
+                tally.iou[f"{kind}/other"].append(iou(m, other))
+
+
+def evaluate(pipe, n: int = 144, seed: int = 0, steps: int | None = None, guidance: float | None = None,
+             resolutions=None, progress: bool = True, out: str | Path | None = None) -> dict | None:
+    """Run the evaluation; returns the summary dict (see module docstring). `resolutions`: None for the
+    model's default view, "all" for every layer, or map sizes as `GenerationResult.heatmap` takes them.
+
+    The captions run through the batch engine (`crossattn_sd.batch`): a bundle folder per caption and
+    index.jsonl in `out` (default: a temporary folder), so a rerun into the same `out` skips finished captions,
+    and under `accelerate launch` (or torchrun) the captions are split between the processes; the summary is
+    computed from the bundles and the index's timings on the main process (the others return None)."""
+    from ..batch import make_rows, process_state, run_batch
+
+    items = captions(n, seed)
+    state = process_state(cpu=pipe.device.type == "cpu")
+    if out is None and state.num_processes > 1:
+        raise ValueError("give an output folder (--out DIR, on a filesystem every process sees) to evaluate with "
+                         f"{state.num_processes} processes")
+    rows = make_rows([{"prompt": text, "seed": noise_seed, "steps": steps, "guidance": guidance}
+                      for text, _, noise_seed in items])
+    with tempfile.TemporaryDirectory(prefix="eval-tiny-") if out is None else nullcontext(out) as folder:
+        index = run_batch(rows, folder, lambda device: pipe, model=getattr(pipe, "crossattn_source", None),
+                          progress=progress, desc="eval-tiny")
+        if not state.is_main_process:
+            return None
+        return summarize(index, items, Path(folder), resolutions)
+
+
+def summarize(index: list[dict], items, folder: Path, resolutions=None) -> dict:
+    """The summary of an evaluation run by the batch engine: its index lines and bundles in `folder`."""
+    from ..result import load_result
 
     tally = Tally()
-    items = captions(n, seed)
-    view = dict(layers="*") if resolutions == "all" else dict(resolutions=resolutions)
     map_view = None
-    for text, kinds, noise_seed in tqdm(items, desc="eval-tiny", disable=not progress):
-        t0 = time.perf_counter()
-        result = generate(pipe, text, seed=noise_seed, steps=steps, guidance_scale=guidance)
-        tally.seconds.append(time.perf_counter() - t0)
-        image = np.asarray(result.images[0])
-        verdict = judge(image, kinds)
-        tally.captions += 1
-        tally.captions_ok += verdict.ok
-        tally.objects += len(verdict.objects)
-        tally.objects_ok += sum(o.ok for o in verdict.objects)
-
-        h, w = image.shape[:2]
-        uniform, gauss = region(np.ones((h, w))), region(gaussian_map(h, w))
-        masks = [object_mask(image, c, p) for c, _, p in kinds]
-        words = [w_.lower() for w_ in result.words]
+    for line, (_, kinds, _) in zip(index, items, strict=True):
+        if line["status"] != "ok":
+            raise RuntimeError(f"caption {line['row']} ({line['prompt']!r}) failed: {line['error']}")
+        result = load_result(folder / line["name"])
+        tally.seconds.append(line["seconds"]["generate"])
+        score(tally, result, kinds, resolutions)
         map_view = map_view or view_name(result, resolutions)
-        for i, (colour, shape, _) in enumerate(kinds):
-            if not masks[i].any():
-                continue  # the object is missing: nothing to localise against
-            other = masks[1 - i] if len(kinds) == 2 else None
-            for kind, word in (("colour", colour), ("shape", shape)):
-                # occurrence: the k-th time this word appears among the caption's objects
-                occurrence = [c if kind == "colour" else s for c, s, _ in kinds][:i].count(word)
-                if words.count(word) <= occurrence:
-                    continue
-                m = region(result.heatmap(word, occurrence=occurrence, **view))
-                tally.iou[f"{kind}/map"].append(iou(m, masks[i]))
-                if len(kinds) == 2:  # by the object's place in the caption (the text encoder is causal)
-                    tally.iou.setdefault(f"{kind}/map#{i + 1}", []).append(iou(m, masks[i]))
-                if resolutions is None:  # every layer averaged, and each resolution's layers alone
-                    every = region(result.heatmap(word, occurrence=occurrence, layers="*"))
-                    tally.iou.setdefault(f"{kind}/every-layer", []).append(iou(every, masks[i]))
-                    for hw in result.store.resolutions():
-                        one = region(result.heatmap(word, occurrence=occurrence, resolutions=[hw]))
-                        tally.iou.setdefault(f"{kind}/map@{hw[0]}x{hw[1]}", []).append(iou(one, masks[i]))
-                tally.iou[f"{kind}/uniform"].append(iou(uniform, masks[i]))
-                tally.iou[f"{kind}/gaussian"].append(iou(gauss, masks[i]))
-                if other is not None and other.any():
-                    tally.iou[f"{kind}/other"].append(iou(m, other))
     return {**tally.summary(), "map_view": map_view}
 
 
@@ -195,6 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: the model's default view, the 16x16 layers)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--json", default=None, help="also write the summary to this JSON file")
+    p.add_argument("--out", default=None, type=Path,
+                   help="keep each caption's bundle and index.jsonl here (a rerun skips finished captions; needed "
+                        "under accelerate launch); default: a temporary folder")
     return p
 
 
@@ -217,8 +254,14 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError:
             print(f"--resolutions {args.resolutions!r}: give map sizes such as 16 or 16,8, or 'all'", file=sys.stderr)
             return 2
-    summary = evaluate(pipe, args.n, args.seed, args.steps, args.guidance, resolutions)
-    summary["settings"] = {k: v for k, v in vars(args).items() if k != "json"}
+    try:
+        summary = evaluate(pipe, args.n, args.seed, args.steps, args.guidance, resolutions, out=args.out)
+    except ValueError as err:
+        print(f"crossattn-sd eval-tiny: error: {err}", file=sys.stderr)
+        return 2
+    if summary is None:  # not the main process: the main one prints the summary
+        return 0
+    summary["settings"] = {k: v for k, v in vars(args).items() if k not in ("json", "out")}
     print(format_summary(summary))
     if args.json:
         with open(args.json, "w") as f:
