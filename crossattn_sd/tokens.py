@@ -135,3 +135,14 @@ def misaligned_words(first: PromptTokens, second: PromptTokens) -> list[str]:
     """
     positions = {(w.start, w.end): w.token_indices for w in second.words}
     return [w.text for w in first.words if positions.get((w.start, w.end)) != w.token_indices]
+
+
+def offset_alignment(part: PromptTokens, offset: int, tokens: tuple[str, ...]) -> PromptTokens:
+    """`part`'s alignment moved to start at position `offset` of a longer text sequence whose token strings are
+    `tokens` (e.g. SD3: CLIP's positions, then T5's): word and special indices shift by `offset`."""
+    return PromptTokens(
+        prompt=part.prompt, tokens=tuple(tokens),
+        words=tuple(Word(w.text, tuple(i + offset for i in w.token_indices), w.start, w.end) for w in part.words),
+        dropped_words=part.dropped_words,
+        special_indices={k: tuple(i + offset for i in v) for k, v in part.special_indices.items()},
+    )
