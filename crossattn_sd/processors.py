@@ -74,15 +74,17 @@ def install(model, store: MapStore, factory: ProcessorFactory, layers: str | Ite
     `match_layers`; resolutions are those of a `latent_size` latent, default the model's `sample_size`);
     restore the originals on exit, also after an error.
 
-    `model` is a denoiser (UNet, transformer) or a pipeline. Every key of `attn_processors` is filled in one
+    `model` is a denoiser (UNet, transformer), a pipeline, or a family adapter (`families.family_of`) whose
+    processors the factory makes (per-call state such as Flux's text length lives in it). Every key of `attn_processors` is filled in one
     `set_attn_processor` call: unmatched layers keep their processor. A forward pre-hook on the model tells the
     store where each model evaluation starts, with the latent size (maps are reshaped from it, so non-square
     images work) and the timestep; the store places each layer's tokens on the grid the family gives.
     A model that already has this package's processors installed is refused (nesting would adopt them as the
     "originals").
     """
-    family = family_of(model)
+    family = model if isinstance(model, Family) else family_of(model)  # the per-call adapter
     model = family.model
+    family.latent_hint = family.latent_hw(latent_size)
     originals = dict(model.attn_processors)
     nested = [k for k, p in originals.items() if isinstance(p, Recorder)]
     if nested:
@@ -178,5 +180,5 @@ def capture(pipe, mode: str = "exact", layers: str | Iterable[str] = "*", *, per
     store = MapStore(per_step=per_step, keep_heads=keep_heads, max_step_bytes=max_step_bytes,
                      cfg=guidance_probe(pipe))
     family = family_of(pipe)
-    with install(family.model, store, lambda s, layer: family.processor(s, layer, mode), layers, latent_size):
+    with install(family, store, lambda s, layer: family.processor(s, layer, mode), layers, latent_size):
         yield store

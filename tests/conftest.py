@@ -152,6 +152,36 @@ def tiny_sd3_pipeline(seed: int = 0, max_length: int = 16, num_layers: int = 3, 
     return pipe
 
 
+def tiny_flux_pipeline(seed: int = 0, max_length: int = 16, t5_length: int = 12):
+    """A seeded random FluxPipeline: CLIP (pooled) and a tiny T5 over `tiny_t5_tokenizer`, a transformer with
+    one double- and one single-stream block, 2x2-packed latents (in_channels 16 from the VAE's 4), flow
+    matching. VAE factor 2, so a 32 x 48 image is an 8 x 12 token grid."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    tokenizer, tokenizer_2 = tiny_tokenizer(max_length), tiny_t5_tokenizer(t5_length)
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16, axes_dims_rope=(4, 6, 6),
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16), norm_num_groups=4,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, shift_factor=0.0,
+    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=max_length, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+    ))
+    text_encoder_2 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_2), d_model=32, d_kv=8, d_ff=32,
+                                             num_layers=2, num_heads=4, pad_token_id=0, eos_token_id=1)).eval()
+    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=text_encoder,
+                        tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
+                        transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 @pytest.fixture
 def sd_pipe():
     return tiny_sd_pipeline()

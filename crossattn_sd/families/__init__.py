@@ -13,10 +13,11 @@ from __future__ import annotations
 import torch
 
 from .base import MODES, Family, Recorder, Steering
+from .flux import FluxFamily
 from .sd3 import SD3Family
 from .unet import UNetFamily
 
-FAMILIES: list[type[Family]] = [UNetFamily, SD3Family]
+FAMILIES: list[type[Family]] = [UNetFamily, SD3Family, FluxFamily]
 
 
 def denoiser_of(pipe_or_model):
@@ -48,5 +49,5 @@ def is_pipeline(obj) -> bool:
     return not isinstance(obj, torch.nn.Module)
 
 
-__all__ = ["FAMILIES", "MODES", "Family", "Recorder", "Steering", "SD3Family", "UNetFamily", "denoiser_of",
+__all__ = ["FAMILIES", "MODES", "Family", "FluxFamily", "Recorder", "Steering", "SD3Family", "UNetFamily", "denoiser_of",
            "family_of"]

@@ -101,6 +101,8 @@ class Family:
     description = ""
     denoiser_attr = ""  # the pipeline attribute holding the denoiser ("unet", "transformer")
     model_classes: tuple[str, ...] = ()  # Diffusers class names of the denoisers this family handles
+    layer_kind = "text-attention"  # how errors name its layers
+    latent_hint: tuple[int, int] | None = None  # the latent size `install` was given (or the native one)
 
     def __init__(self, model):
         self.model = model
