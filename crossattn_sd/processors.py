@@ -139,7 +139,8 @@ def _takes_original(factory) -> bool:
         params = list(inspect.signature(factory).parameters.values())
     except (TypeError, ValueError):
         return False
-    required = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty]
+    required = [p for p in params
+                if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty]
     return len(required) >= 3 or any(p.name == "original" for p in params[2:])
 
 
@@ -156,9 +157,9 @@ def capture(pipe, mode: str = "exact", layers: str | Iterable[str] = "*", *, per
             latent_size: tuple[int, int] | int | None = None) -> Iterator[MapStore]:
     """Record cross-attention maps of everything `pipe` generates inside the `with` block.
 
-    Works on the pipelines of every family in `crossattn_sd.families` (SD 1.x/2.x, SDXL, SD3/SD3.5) and on
-    their bare denoisers (`UNet2DConditionModel`, `SD3Transformer2DModel`). The original processors are
-    restored on exit, also after an exception.
+    Works on the pipelines of every family in `crossattn_sd.families` (SD 1.x/2.x, SDXL, SD3/SD3.5, FLUX.1)
+    and on their bare denoisers (`UNet2DConditionModel`, `SD3Transformer2DModel`, `FluxTransformer2DModel`).
+    The original processors are restored on exit, also after an exception.
 
     Args:
         pipe: a Diffusers pipeline (or its denoiser).

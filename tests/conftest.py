@@ -109,7 +109,8 @@ def tiny_t5_tokenizer(max_length: int = 12):
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
     pieces += [("\u2581" + w, -1.0) for w in WHOLE_WORDS]
     pieces += [("\u2581cir", -1.0), ("cle", -1.0)]
-    pieces += [(c, -5.0) for c in "abcdefghijklmnopqrstuvwxyz"] + [("\u2581" + c, -5.0) for c in "abcdefghijklmnopqrstuvwxyz"]
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    pieces += [(c, -5.0) for c in letters] + [("\u2581" + c, -5.0) for c in letters]
     tok = Tokenizer(models.Unigram(pieces, unk_id=2, byte_fallback=False))
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
     tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")

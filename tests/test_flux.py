@@ -67,8 +67,9 @@ def test_single_stream_map_is_the_text_share_of_the_joined_sequence(pipe):
     total = 0
     for hidden, rope in grabbed:
         with torch.no_grad():
-            q = apply_rotary_emb(attn.norm_q(attn.to_q(hidden).unflatten(-1, (-1, attn.head_dim))), rope, sequence_dim=1)
-            k = apply_rotary_emb(attn.norm_k(attn.to_k(hidden).unflatten(-1, (-1, attn.head_dim))), rope, sequence_dim=1)
+            q = attn.norm_q(attn.to_q(hidden).unflatten(-1, (-1, attn.head_dim)))
+            k = attn.norm_k(attn.to_k(hidden).unflatten(-1, (-1, attn.head_dim)))
+            q, k = apply_rotary_emb(q, rope, sequence_dim=1), apply_rotary_emb(k, rope, sequence_dim=1)
             q, k = q.transpose(1, 2), k.transpose(1, 2)
             full = (q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5).softmax(-1)
         total = total + full[:, :, T5_LENGTH:, :T5_LENGTH].mean(1)  # image queries x text keys (text first)

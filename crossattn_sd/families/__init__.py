@@ -49,5 +49,5 @@ def is_pipeline(obj) -> bool:
     return not isinstance(obj, torch.nn.Module)
 
 
-__all__ = ["FAMILIES", "MODES", "Family", "FluxFamily", "Recorder", "Steering", "SD3Family", "UNetFamily", "denoiser_of",
-           "family_of"]
+__all__ = ["FAMILIES", "MODES", "Family", "FluxFamily", "Recorder", "Steering", "SD3Family", "UNetFamily",
+           "denoiser_of", "family_of"]

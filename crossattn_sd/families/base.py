@@ -17,7 +17,7 @@ A `Family` is bound to one denoiser (a UNet or a transformer) and answers, for t
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
