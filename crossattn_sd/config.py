@@ -14,6 +14,7 @@ EMBEDDED_MODEL_DIR = PACKAGE_DIR / "tiny" / "weights"
 CONFIG_DIR = PACKAGE_DIR / "configs"  # package data: a wheel installs it with the code
 EMBEDDED = "embedded"
 MAP_LAYERS = ("all", "finest")  # ModelPreset.map_layers
+PRESET_FAMILIES = ("sd", "sdxl", "sd3", "flux")  # ModelPreset.family
 
 
 @dataclass(frozen=True)
@@ -23,7 +24,8 @@ class ModelPreset:
     Args:
         name: the preset's name, as given to `--model`.
         source: "embedded" (the model shipped in the package), a local folder, or a Hub id.
-        family: "sd" (SD 1.x / 2.x) or "sdxl"; chooses the Diffusers pipeline class.
+        family: one of `PRESET_FAMILIES`: "sd" (SD 1.x / 2.x), "sdxl", "sd3" (SD3 / SD3.5) or "flux" (FLUX.1);
+            informative (the pipeline class comes from the model's own `model_index.json`).
         steps, guidance, height, width: generation defaults for this model.
         max_side: the largest height or width the UI offers (the model's training size bounds it).
         scheduler: default scheduler name (see `pipeline.SCHEDULERS`); None keeps the model's own.
@@ -51,8 +53,9 @@ class ModelPreset:
     vocabulary: tuple[str, ...] = ()
 
     def __post_init__(self):
-        if self.family not in ("sd", "sdxl"):
-            raise ValueError(f"preset {self.name!r}: family must be 'sd' or 'sdxl', got {self.family!r}")
+        if self.family not in PRESET_FAMILIES:
+            raise ValueError(f"preset {self.name!r}: family must be one of {', '.join(PRESET_FAMILIES)}, "
+                             f"got {self.family!r}")
         bad = [w for w in self.vocabulary if not isinstance(w, str) or not w.strip()]
         if bad:
             raise ValueError(f"preset {self.name!r}: vocabulary entries must be words, got {bad!r} (quote words "

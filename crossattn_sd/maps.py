@@ -26,19 +26,56 @@ import torch.nn.functional as F
 
 DEFAULT_MAX_STEP_BYTES = 1 << 30  # 1 GiB of per-step maps before per-step detail is dropped
 DEFAULT_DEFER_BYTES = 64 << 20  # queries and keys waiting for a batched softmax before they are flushed
+DEFAULT_CHUNK_BYTES = 64 << 20  # scores computed at once by the side softmax (`text_attention`)
 
 
-def layer_hw(latent_hw: tuple[int, int], num_queries: int) -> tuple[int, int]:
-    """(h, w) of a layer with `num_queries` pixels in a UNet whose input latent is `latent_hw`.
+def same_grid(latent_hw: tuple[int, int], num_queries: int) -> tuple[int, int]:
+    """The grid of a store filled by hand (no family adapter set `MapStore.grid`): the latent's own."""
+    if latent_hw[0] * latent_hw[1] != num_queries:
+        raise ValueError(f"cannot place {num_queries} queries on a latent of {latent_hw[0]}x{latent_hw[1]}; "
+                         "set MapStore.grid (capture() sets it from the model's family)")
+    return tuple(latent_hw)
 
-    UNet downsamplers are stride-2 convolutions with padding 1, so each level has ceil(h/2) x ceil(w/2).
+
+def text_attention(query: torch.Tensor, key: torch.Tensor, scale: float, mask: torch.Tensor | None = None,
+                   columns: tuple[int, int | None] = (0, None), keep_heads: bool = False,
+                   chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Rows of softmax(scale * Q K^T + mask) over ALL keys, restricted to the key `columns` (start, stop).
+
+    For joint attention the columns are the text tokens: each entry is a query's share of attention going to
+    that token, so a row sums to less than 1 (the rest went to image tokens). The softmax is computed in chunks
+    of queries, at most `chunk_bytes` of scores at a time, so a large layer's full score matrix never exists.
+
+    Args:
+        query: (B, heads, Nq, d); key: (B, heads, Nk, d); mask: additive, broadcastable to (B, heads, Nq, Nk).
+    Returns:
+        The head mean (B, Nq, C) and, with `keep_heads`, the per-head probabilities (B, heads, Nq, C).
     """
-    h, w = latent_hw
-    while h * w > num_queries and (h > 1 or w > 1):
-        h, w = math.ceil(h / 2), math.ceil(w / 2)
-    if h * w != num_queries:
-        raise ValueError(f"cannot place {num_queries} queries on a latent of {latent_hw[0]}x{latent_hw[1]}")
-    return h, w
+    batch, heads, num_queries, _ = query.shape
+    rows = max(1, chunk_bytes // max(1, batch * heads * key.shape[-2] * 4))
+    start, stop = columns
+    key_t = key.transpose(-1, -2)
+    means, per_head = [], []
+    for q0 in range(0, num_queries, rows):
+        scores = torch.matmul(query[:, :, q0:q0 + rows], key_t).mul_(scale)
+        if mask is not None:
+            scores += mask[..., q0:q0 + rows, :] if mask.shape[-2] > 1 else mask
+        probs = scores.softmax(dim=-1)[..., start:stop]  # (B, heads, rows, C)
+        means.append(probs.mean(dim=1))
+        if keep_heads:
+            per_head.append(probs)
+    mean = means[0] if len(means) == 1 else torch.cat(means, dim=1)
+    if not keep_heads:
+        return mean, None
+    return mean, (per_head[0] if len(per_head) == 1 else torch.cat(per_head, dim=2))
+
+
+def __getattr__(name):
+    if name == "layer_hw":  # moved to the UNet family (its levels); kept importable from here
+        from .families.unet import layer_hw
+
+        return layer_hw
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass
@@ -57,6 +94,10 @@ class MapStore:
         defer_bytes (`int`): memory that queries and keys handed to `record_attention` may hold before they
             are turned into maps (0: at once). The fields `sums`, `counts`, `head_sums` and `steps` are
             complete after `flush()`, which `capture()` calls on exit and the reading methods call first.
+        grid (callable, *optional*): `grid(latent_hw, num_queries) -> (h, w)`, where a layer's image tokens sit;
+            `capture()` sets it from the model's family (UNet levels, a transformer's patch grid). Default:
+            the latent's own grid.
+        chunk_bytes (`int`): the most scores `flush` computes at once (see `text_attention`).
     """
 
     per_step: bool = False
@@ -64,6 +105,8 @@ class MapStore:
     max_step_bytes: int = DEFAULT_MAX_STEP_BYTES
     cfg: bool | Callable[[], bool] = False
     defer_bytes: int = DEFAULT_DEFER_BYTES
+    grid: Callable[[tuple[int, int], int], tuple[int, int]] | None = field(default=None, repr=False)
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
 
     latent_hw: tuple[int, int] | None = None
     sums: dict[str, torch.Tensor] = field(default_factory=dict)  # layer -> (n, h, w, T)
@@ -103,26 +146,36 @@ class MapStore:
         if probs.dtype != torch.float32:
             probs = probs.float()
         n = probs.shape[0] // heads
-        h, w = layer_hw(self.latent_hw, probs.shape[1])
-        self._add(layer, probs.reshape(1, n, heads, h, w, probs.shape[-1]), [self.num_steps - 1])
+        h, w = self._grid(probs.shape[1])
+        probs = probs.reshape(1, n, heads, h, w, probs.shape[-1])
+        self._add(layer, probs.mean(dim=2), probs if self.keep_heads else None, [self.num_steps - 1])
+
+    def _grid(self, num_queries: int) -> tuple[int, int]:
+        return tuple((self.grid or same_grid)(self.latent_hw, num_queries))
 
     def record_attention(self, layer: str, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None,
-                         scale: float) -> None:
+                         scale: float, columns: tuple[int, int | None] = (0, None),
+                         token_weights: torch.Tensor | None = None) -> None:
         """Record softmax(scale * Q K^T + mask) of the recorded images, computed later in a batch (see `flush`).
 
         Args:
-            query (`torch.Tensor`): (n, heads, queries, d), the recorded images only.
-            key (`torch.Tensor`): (n, heads, tokens, d).
-            mask (`torch.Tensor`, *optional*): additive, broadcastable to (n, heads, queries, tokens).
+            query (`torch.Tensor`): (n, heads, queries, d), the recorded images' image-token queries only.
+            key (`torch.Tensor`): (n, heads, keys, d): every key the queries attend to.
+            mask (`torch.Tensor`, *optional*): additive, broadcastable to (n, heads, queries, keys).
             scale (`float`): the layer's softmax scale (`attn.scale`).
+            columns (`(start, stop)`): the text tokens' key positions; only those columns of the softmax over
+                all keys are kept (see `text_attention`). Default: every key is a text token (cross-attention).
+            token_weights (`torch.Tensor`, *optional*): (n, T) weights the probabilities are multiplied by, the
+                steered probabilities p_j w_j of an exact-mode reweight.
         """
         if self.latent_hw is None:
             raise RuntimeError("MapStore.record called before begin_call: install processors with capture()")
         if query.requires_grad or key.requires_grad:
             query, key = query.detach(), key.detach()
             mask = None if mask is None else mask.detach()
-        hw = layer_hw(self.latent_hw, query.shape[-2])
-        self._pending.append((layer, len(self.timesteps) - 1, hw, query, key, mask, scale))
+        hw = self._grid(query.shape[-2])
+        self._pending.append((layer, len(self.timesteps) - 1, hw, query, key, mask, scale, tuple(columns),
+                              token_weights))
         # Views of the UNet's tensors keep the whole batch alive: both halves under guidance.
         self._pending_bytes += (query.numel() + key.numel()) * query.element_size() * (2 if self._cfg_now else 1)
         if self._pending_bytes > self.defer_bytes:
@@ -135,24 +188,30 @@ class MapStore:
         pending, self._pending, self._pending_bytes = self._pending, [], 0
         groups: dict[tuple, list] = {}  # insertion order = first UNet call's layer order
         for entry in pending:
-            layer, _, hw, query, key, mask, _ = entry
-            shape_key = (layer, hw, tuple(query.shape[1:]), tuple(key.shape[1:]), mask is None)
+            layer, _, hw, query, key, mask, _, columns, weights = entry
+            shape_key = (layer, hw, tuple(query.shape[1:]), tuple(key.shape[1:]), mask is None, columns,
+                         weights is None)
             groups.setdefault(shape_key, []).append(entry)
         with torch.no_grad():
             for (layer, (h, w), *_), entries in groups.items():
                 query = torch.cat([e[3] for e in entries]).float()  # (calls * n, heads, Nq, d)
                 key = torch.cat([e[4] for e in entries]).float()
-                scores = torch.matmul(query, key.transpose(-1, -2)).mul_(entries[0][6])
-                if entries[0][5] is not None:
-                    scores += torch.cat([e[5] for e in entries])
-                probs = scores.softmax(dim=-1)  # (calls * n, heads, Nq, T)
-                calls = len(entries)
-                self._add(layer, probs.view(calls, -1, probs.shape[1], h, w, probs.shape[-1]),
-                          [e[1] for e in entries])
+                mask = None if entries[0][5] is None else torch.cat([e[5] for e in entries])
+                mean, heads = text_attention(query, key, entries[0][6], mask, entries[0][7], self.keep_heads,
+                                             self.chunk_bytes)
+                if entries[0][8] is not None:  # reweight: the steered probabilities p_j w_j
+                    weights = torch.cat([e[8] for e in entries]).to(mean)  # (calls * n, T)
+                    mean = mean * weights[:, None, :]
+                    heads = None if heads is None else heads * weights[:, None, None, :]
+                calls = len(entries)  # mean: (calls * n, Nq, T) -> (calls, n, h, w, T)
+                mean = mean.reshape(calls, -1, h, w, mean.shape[-1])
+                if heads is not None:
+                    heads = heads.reshape(calls, -1, heads.shape[1], h, w, heads.shape[-1])
+                self._add(layer, mean, heads, [e[1] for e in entries])
 
-    def _add(self, layer: str, probs: torch.Tensor, calls: list[int]) -> None:
-        """Accumulate probabilities (calls, n, heads, h, w, T) of the UNet calls with indices `calls`."""
-        mean = probs.mean(dim=2)  # (calls, n, h, w, T)
+    def _add(self, layer: str, mean: torch.Tensor, probs: torch.Tensor | None, calls: list[int]) -> None:
+        """Accumulate head-mean probabilities (calls, n, h, w, T) of the model calls with indices `calls`, and the
+        per-head ones (calls, n, heads, h, w, T) when heads are kept."""
         total = mean.sum(dim=0) if len(calls) > 1 else mean[0]
         if layer in self.sums:
             self.sums[layer] += total
@@ -160,7 +219,7 @@ class MapStore:
         else:
             self.sums[layer] = total
             self.counts[layer] = len(calls)
-        if self.keep_heads:
+        if self.keep_heads and probs is not None:
             heads_total = probs.sum(dim=0)
             if layer in self.head_sums:
                 self.head_sums[layer] += heads_total
@@ -277,6 +336,7 @@ class MapStore:
         """Flat tensors for safetensors; `from_state_dict` inverts it."""
         self.flush()
         out = {f"sum/{k}": v.contiguous() for k, v in self.sums.items()}
+        out.update({f"order/{k}": torch.tensor(i) for i, k in enumerate(self.sums)})  # safetensors sorts keys
         out.update({f"heads/{k}": v.contiguous() for k, v in self.head_sums.items()})
         out.update({f"count/{k}": torch.tensor(c) for k, c in self.counts.items()})
         for i, step in enumerate(self.steps):
@@ -289,6 +349,7 @@ class MapStore:
         store = cls(**settings)
         num_steps = 0
         steps: dict[int, dict[str, torch.Tensor]] = {}
+        order: dict[str, int] = {}
         for key, value in tensors.items():
             kind, _, rest = key.partition("/")
             if kind == "sum":
@@ -301,18 +362,21 @@ class MapStore:
                 i, _, layer = rest.partition("/")
                 steps.setdefault(int(i), {})[layer] = value.float()
                 num_steps = max(num_steps, int(i) + 1)
+            elif kind == "order":
+                order[rest] = int(value)
             elif kind == "timesteps":
                 store.timesteps = [float(t) for t in value.tolist()]
         store.steps = [steps.get(i, {}) for i in range(num_steps)]
-        # Keep layer order stable: the order processors recorded them, which is the UNet's order.
-        store.sums = dict(sorted(store.sums.items(), key=lambda kv: _unet_order(kv[0])))
+        # Keep the order processors recorded the layers in (the model's forward order); bundles written before
+        # the order was saved fall back to names with numbers sorted as numbers (a UNet's down < mid < up).
+        store.sums = dict(sorted(store.sums.items(), key=lambda kv: (order.get(kv[0], len(order)),
+                                                                      _natural(kv[0]))))
         return store
 
 
-def _unet_order(name: str) -> tuple:
-    """Sort key that puts UNet layers in forward order: down blocks, mid block, up blocks."""
-    block = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}.get(name.split(".")[0], 3)
-    return (block, [int(p) if p.isdigit() else p for p in name.split(".")[1:]])
+def _natural(name: str) -> list:
+    """Sort key of a layer name with its numbers compared as numbers ("blocks.2" before "blocks.10")."""
+    return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in name.split(".")]
 
 
 # -- aggregation ---------------------------------------------------------------------------------------------
@@ -320,20 +384,22 @@ def _unet_order(name: str) -> tuple:
 
 def token_map(store: MapStore, token_indices: Sequence[int], size: tuple[int, int], *, image_index: int = 0,
               layers=None, resolutions=None, steps: Sequence[int] | None = None, head: int | None = None,
-              ) -> torch.Tensor:
+              text_share: bool = True) -> torch.Tensor:
     """Sum of the chosen tokens' probabilities, averaged over the chosen layers, at image `size` (H, W).
 
     Each layer's map is upsampled (bilinear) to `size` before averaging, so every resolution counts equally.
-    Returns a float32 tensor (H, W) of raw probabilities (each pixel's probabilities over all tokens sum to 1).
-    See `token_maps` for several groups of tokens at once.
+    Returns a float32 tensor (H, W) of raw probabilities. In cross-attention each pixel's probabilities over
+    the text tokens sum to 1; in joint attention they are the pixel's share of attention going to the text
+    (the rest went to image tokens), unless `text_share=False` renormalises each layer's averaged map over the
+    text tokens (rows sum to 1, comparable with cross-attention). See `token_maps` for several groups at once.
     """
     return token_maps(store, [token_indices], size, image_index=image_index, layers=layers,
-                      resolutions=resolutions, steps=steps, head=head)[0]
+                      resolutions=resolutions, steps=steps, head=head, text_share=text_share)[0]
 
 
 def token_maps(store: MapStore, token_groups: Sequence[Sequence[int]], size: tuple[int, int], *,
                image_index: int = 0, layers=None, resolutions=None, steps: Sequence[int] | None = None,
-               head: int | None = None) -> torch.Tensor:
+               head: int | None = None, text_share: bool = True) -> torch.Tensor:
     """`token_map` for several token groups (e.g. every word of a prompt) at once: float32 (groups, H, W).
 
     Upsampling is linear, so the layers of one resolution are summed first and upsampled once: one interpolation
@@ -349,6 +415,8 @@ def token_maps(store: MapStore, token_groups: Sequence[Sequence[int]], size: tup
     by_size: dict[tuple[int, int], torch.Tensor] = {}  # (h, w) -> sum of that resolution's layer means (h, w, T)
     for name in names:
         m = store.layer_mean(name, steps=steps, head=head)[image_index]
+        if not text_share:
+            m = m / m.sum(-1, keepdim=True).clamp_min(torch.finfo(m.dtype).tiny)
         hw = tuple(m.shape[:2])
         by_size[hw] = by_size[hw] + m if hw in by_size else m
     groups = [torch.as_tensor(list(g), dtype=torch.long) for g in token_groups]

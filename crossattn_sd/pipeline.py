@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from .config import EMBEDDED, EMBEDDED_MODEL_DIR, EMBEDDED_PRESET, MAP_LAYERS, GenerationDefaults, load_presets
+from .families import family_of
 from .maps import DEFAULT_MAX_STEP_BYTES
 from .processors import MODES
 from .result import GenerationResult
@@ -119,9 +120,10 @@ def load_pipeline(model: str | None = None, *, device: str | None = None, dtype:
                 f"{source}` (or load it once), then work offline with HF_HUB_OFFLINE=1; or pass a local folder."
             ) from err
         raise
-    if not hasattr(pipe, "unet"):
-        raise ValueError(f"{name!r} is a {type(pipe).__name__}, which has no UNet; crossattn-sd supports UNet "
-                         "text-to-image pipelines (SD 1.x, 2.x, SDXL)")
+    try:
+        family_of(pipe)
+    except ValueError as err:
+        raise ValueError(f"{name!r}: {err}") from None
     if offload:
         pipe.enable_model_cpu_offload()
     else:
@@ -130,6 +132,11 @@ def load_pipeline(model: str | None = None, *, device: str | None = None, dtype:
     pipe.crossattn_defaults = GenerationDefaults.from_preset(preset) if preset else GenerationDefaults()
     pipe.crossattn_source = "embedded" if name == EMBEDDED else str(source)
     return pipe
+
+
+def native_size(pipe) -> int:
+    """The image side the model was made for: its denoiser's `sample_size` times the VAE factor."""
+    return family_of(pipe).native_latent_size() * int(getattr(pipe, "vae_scale_factor", 8))
 
 
 def size_multiple(pipe) -> int:
@@ -196,13 +203,16 @@ def generate(
     max_step_bytes: int = DEFAULT_MAX_STEP_BYTES,
     processor=None,
     map_layers: str | None = None,
+    text_part: str | None = None,
+    max_sequence_length: int | None = None,
     progress: Callable[[int, int], None] | None = None,
     cancel: threading.Event | None = None,
 ) -> GenerationResult:
     """Generate images and record every word's cross-attention maps.
 
     Args:
-        pipe: a Diffusers Stable Diffusion (or SDXL) pipeline, e.g. from `load_pipeline()`.
+        pipe: a Diffusers pipeline of a supported family (SD 1.x/2.x, SDXL, SD3/SD3.5, FLUX.1), e.g. from
+            `load_pipeline()`.
         prompt (`str` or list of `str`): the prompt(s); an empty prompt is allowed (it has no words).
         negative_prompt (`str` or list, *optional*): what to steer away from (only with guidance > 1).
         seed (`int`): seed of the initial noise (drawn on the CPU, so it is the same image on any device).
@@ -221,6 +231,9 @@ def generate(
             The edit processor returns two images, [source, edit], for one source prompt.
         map_layers (`str`, *optional*): the result's default map view, "all" (every layer) or "finest" (the
             largest map size); default from the model's preset.
+        text_part (`str`, *optional*): which encoder's text positions the words index where a model has
+            several in one sequence (SD3: "t5" when the pipeline has T5, else "clip"); default the first.
+        max_sequence_length (`int`, *optional*): SD3's T5 length; default the pipeline's (256).
         progress (callable, *optional*): called as `progress(step, total)` after each denoising step.
         cancel (`threading.Event`, *optional*): set it to stop; `GenerationCancelled` is raised.
 
@@ -243,8 +256,15 @@ def generate(
     map_layers = defaults.map_layers if map_layers is None else map_layers
     if map_layers not in MAP_LAYERS:
         raise ValueError(f"map_layers={map_layers!r} is not a map view; use one of {', '.join(MAP_LAYERS)}")
+    family = family_of(pipe)
     factor = int(getattr(pipe, "vae_scale_factor", 8))
-    native = int(pipe.unet.config.sample_size) * factor
+    native = native_size(pipe)
+    parts = family.text_parts(pipe)
+    text_part = parts[0] if text_part is None else text_part
+    if text_part not in parts:
+        raise ValueError(f"text_part={text_part!r} is not a text part of this model; use one of {', '.join(parts)}")
+    if max_sequence_length is not None:
+        max_sequence_length = _check_int("max_sequence_length", max_sequence_length, 1, 512)
     steps = _check_int("steps", defaults.steps if steps is None else steps, 1, 1000)
     seed = _check_int("seed", seed, 0, 2**63 - 1)
     num_images_per_prompt = _check_int("num_images_per_prompt", num_images_per_prompt, 1, 64)
@@ -266,12 +286,16 @@ def generate(
     note = vocabulary_note(spec.result_prompts(prompts), defaults.vocabulary)
     if note:
         warnings.warn(note, VocabularyWarning, stacklevel=2)
-    alignments = [align_prompt(pipe.tokenizer, p) for p in spec.result_prompts(prompts)]
-    if getattr(pipe, "tokenizer_2", None) is not None:  # SDXL: maps are keyed by the first tokenizer's positions
-        for a in alignments:
+
+    def align(p: str):
+        return family.text_positions(pipe, p, text_part, max_sequence_length)
+
+    alignments = [align(p) for p in spec.result_prompts(prompts)]
+    if text_part == "clip" and getattr(pipe, "tokenizer_2", None) is not None:
+        for a in alignments:  # SDXL, SD3: CLIP positions are keyed by the first tokenizer's
             moved = misaligned_words(a, align_prompt(pipe.tokenizer_2, a.prompt))
             if moved:
-                warnings.warn(f"SDXL's two tokenizers put {', '.join(map(repr, moved))} at different positions in "
+                warnings.warn(f"the two CLIP tokenizers put {', '.join(map(repr, moved))} at different positions in "
                               f"{a.prompt!r}, so those words' maps mix neighbouring tokens; runs of '!' cause this "
                               "(write '!' once)", RuntimeWarning, stacklevel=2)
     alignments = [a for a in alignments for _ in range(num_images_per_prompt)]  # one per image
@@ -284,13 +308,8 @@ def generate(
         return callback_kwargs
 
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    latents = None
-    if spec.name == "edit":  # source and edit start from the same noise a plain call would draw
-        from diffusers.utils.torch_utils import randn_tensor
-
-        shape = (1, pipe.unet.config.in_channels, height // factor, width // factor)
-        latents = randn_tensor(shape, generator=generator, device=torch.device("cpu"), dtype=pipe.unet.dtype)
-        latents = latents.repeat(2, 1, 1, 1)
+    if spec.name == "edit":  # source and edit each draw the noise a plain call would (the pipeline's own way)
+        generator = [generator, torch.Generator(device="cpu").manual_seed(seed)]
     call_prompts, call_negative = spec.batch_prompts(prompts, negative_prompt)
     old_scheduler = pipe.scheduler
     try:
@@ -299,12 +318,12 @@ def generate(
         with use_processor(pipe, spec, prompts=prompts, steps=steps, per_step=per_step, keep_heads=keep_heads,
                            max_step_bytes=max_step_bytes, layers=layers,
                            num_images_per_prompt=num_images_per_prompt,
-                           latent_size=(height // factor, width // factor)) as store:
+                           latent_size=(height // factor, width // factor), alignment=align) as store:
             out = pipe(
                 prompt=call_prompts, negative_prompt=call_negative, num_inference_steps=steps,
                 guidance_scale=guidance_scale, height=height, width=width,
-                num_images_per_prompt=num_images_per_prompt, generator=generator, latents=latents,
-                callback_on_step_end=on_step_end,
+                num_images_per_prompt=num_images_per_prompt, generator=generator,
+                callback_on_step_end=on_step_end, **family.pipeline_kwargs(pipe, max_sequence_length),
             )
     finally:
         pipe.scheduler = old_scheduler
@@ -319,6 +338,7 @@ def generate(
         num_images_per_prompt=num_images_per_prompt, scheduler=scheduler or "default",
         scheduler_class=type(new_scheduler or old_scheduler).__name__, layers=layers, keep_heads=keep_heads,
         processor=spec.to_dict(), model=getattr(pipe, "crossattn_source", None) or pipe.config.get("_name_or_path"),
-        map_layers=map_layers,
+        map_layers=map_layers, family=family.name, text_part=text_part, text_parts=parts,
+        **family.pipeline_kwargs(pipe, max_sequence_length),
     )
     return GenerationResult(images=images, alignments=alignments, store=store, settings=settings)

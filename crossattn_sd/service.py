@@ -317,13 +317,13 @@ class AttentionService:
         return self._defaults
 
     def _make_defaults(self) -> Defaults:
-        from .pipeline import schedulers_for, size_multiple
+        from .pipeline import native_size, schedulers_for, size_multiple
         from .processors import MODES
         from .steering import PROCESSORS
 
         p = self.preset
         step = size_multiple(self.pipe)
-        native = int(self.pipe.unet.config.sample_size) * int(getattr(self.pipe, "vae_scale_factor", 8))
+        native = native_size(self.pipe)
         if p.name not in load_presets():  # a folder or Hub id: its own training size, not a preset's 512
             p = dataclasses.replace(p, height=native, width=native, max_side=max(p.max_side, native))
         max_side = max(step, p.max_side // step * step)

@@ -5,12 +5,16 @@ layers or a subset, from Python, the CLI and the UI.
 - capture: records maps (`exact` or `explicit` mode, see `processors.py`).
 - reweight: scales the attention given to chosen words, prompt-to-prompt's re-weighting: the probabilities'
   columns of those words' tokens are multiplied by the weight (not renormalised) before they weight the values.
-  All weights 1.0 reproduce `capture` in explicit mode exactly; weight 0 removes a word's column.
+  In "exact" mode (the default) this runs through the values, sum_j p_j w_j v_j = SDPA(Q, K, w * V), so it
+  costs what capture costs and all weights 1.0 reproduce `capture`'s exact images bit for bit; "explicit" mode
+  spells out (p * w) @ V. Weight 0 removes a word's column.
 - edit: prompt-to-prompt editing. The source prompt and the edited prompt are generated together from the
-  same noise; for the first `inject` fraction of the steps the edit's cross-attention probabilities are replaced
+  same noise; for the first `inject` fraction of the steps the edit's image->text probabilities are replaced
   by the source's (word swap when both prompts have as many tokens, refinement by token alignment otherwise:
-  words only in the edit keep their own attention). The call returns two images, [source, edit], each with its
-  own prompt's words and maps. Identical prompts reproduce the plain image.
+  words only in the edit keep their own attention). In joint attention the edit's image->image probabilities
+  are scaled to fill the rest of each row (see `families.sd3.joint_steer`). The call returns two images,
+  [source, edit], each with its own prompt's words and maps. Identical prompts reproduce the plain image
+  (explicit mode: edit always runs the explicit math).
 
 Every steering processor records the probabilities it actually used, so maps show where words landed after
 steering. Per-call state (weights, token mapping) lives in the processor objects made for that call.
@@ -20,15 +24,16 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
 
+from .families import Steering, family_of
 from .maps import DEFAULT_MAX_STEP_BYTES, MapStore
 from .processors import MODES, CaptureProcessor, capture, cross_attention_layers, guidance_probe, install
-from .tokens import PromptTokens, align_prompt
+from .tokens import PromptTokens
 
 PROCESSORS = ("default", "capture", "reweight", "edit")
 
@@ -56,7 +61,7 @@ class ProcessorSpec:
 
     Args:
         name: "default", "capture", "reweight" or "edit".
-        mode: "exact" or "explicit" (capture only; steering processors compute probs @ V explicitly).
+        mode: "exact" or "explicit" (capture and reweight; edit always computes probs @ V explicitly).
         weights: reweight: (word, weight) pairs; parse a "word:weight, ..." string with `parse_weights`.
         edit_prompt: edit: the edited prompt.
         inject: edit: fraction of the denoising steps that take the source's cross-attention maps (0..1).
@@ -77,8 +82,8 @@ class ProcessorSpec:
             raise ValueError(f"unknown processor {self.name!r}; use one of {', '.join(PROCESSORS)}")
         if self.mode not in MODES:
             raise ValueError(f"unknown mode {self.mode!r}; use one of {', '.join(MODES)}")
-        if self.name in ("reweight", "edit") and self.mode != "explicit":
-            object.__setattr__(self, "mode", "explicit")  # steering changes the probabilities: explicit math
+        if self.name == "edit" and self.mode != "explicit":
+            object.__setattr__(self, "mode", "explicit")  # edit replaces the probabilities: explicit math
         if self.name == "reweight" and not self.weights:
             raise ValueError("the reweight processor needs weights, e.g. 'circle:2.0, red:0.5'")
         if self.name == "edit":
@@ -116,43 +121,18 @@ class ProcessorSpec:
 
 
 class ReweightProcessor(CaptureProcessor):
-    """Scales chosen tokens' attention columns in the conditional images (prompt-to-prompt re-weighting)."""
+    """A UNet layer's processor that scales chosen tokens' attention columns in the conditional images."""
 
-    def __init__(self, store: MapStore, layer: str, token_weights: torch.Tensor):
-        super().__init__(store, layer, mode="explicit")
-        self.token_weights = token_weights  # (images, T): 1.0 leaves a token alone
-
-    def steer(self, attention_probs, batch_size, heads):
-        rec = self.store.conditional(batch_size)
-        w = self.token_weights.to(attention_probs.device, attention_probs.dtype)
-        w = w.repeat_interleave(heads, dim=0)[:, None, :]  # (images * heads, 1, T)
-        rows = slice(rec.start * heads, rec.stop * heads)
-        attention_probs = attention_probs.clone()
-        attention_probs[rows] = attention_probs[rows] * w
-        return attention_probs
+    def __init__(self, store: MapStore, layer: str, token_weights: torch.Tensor, mode: str = "explicit"):
+        super().__init__(store, layer, mode, Steering(token_weights=token_weights))  # (images, T); 1.0: untouched
 
 
 class EditProcessor(CaptureProcessor):
-    """Injects the source image's cross-attention into the edited image for the first `inject_calls` steps."""
+    """A UNet layer's processor that injects the source image's cross-attention into the edited image for the
+    first `inject_calls` steps (`token_map`: edit token j takes source column token_map[j], or its own if -1)."""
 
     def __init__(self, store: MapStore, layer: str, token_map: torch.Tensor, inject_calls: int):
-        super().__init__(store, layer, mode="explicit")
-        self.token_map = token_map  # (T,): edit token j takes source column token_map[j], or keeps its own if -1
-        self.inject_calls = inject_calls
-
-    def steer(self, attention_probs, batch_size, heads):
-        if self.store.num_steps - 1 >= self.inject_calls:
-            return attention_probs
-        rec = self.store.conditional(batch_size)  # [source, edit] conditional images
-        src = attention_probs[rec.start * heads: (rec.start + 1) * heads]
-        edit_rows = slice((rec.start + 1) * heads, (rec.start + 2) * heads)
-        edit = attention_probs[edit_rows]
-        keep = self.token_map < 0
-        injected = src[:, :, self.token_map.clamp(min=0)]
-        injected[:, :, keep] = edit[:, :, keep]
-        attention_probs = attention_probs.clone()
-        attention_probs[edit_rows] = injected
-        return attention_probs
+        super().__init__(store, layer, "explicit", Steering(token_map=token_map, inject_calls=inject_calls))
 
 
 def token_weights(alignment: PromptTokens, weights: Sequence[tuple[str, float]]) -> torch.Tensor:
@@ -193,10 +173,12 @@ def edit_token_map(source: PromptTokens, edit: PromptTokens) -> torch.Tensor:
 @contextmanager
 def use_processor(pipe, spec: ProcessorSpec, *, prompts: list[str], steps: int, per_step: bool = False,
                   keep_heads: bool = False, max_step_bytes: int = DEFAULT_MAX_STEP_BYTES, layers="*",
-                  num_images_per_prompt: int = 1, latent_size=None) -> Iterator[MapStore]:
+                  num_images_per_prompt: int = 1, latent_size=None,
+                  alignment: Callable[[str], PromptTokens] | None = None) -> Iterator[MapStore]:
     """Install `spec`'s processor on `pipe` for one call; yields the call's `MapStore`.
 
-    `latent_size` ((h, w) of the call's latents) resolves resolution selectors in the layers ("16", "16x12")."""
+    `latent_size` ((h, w) of the call's latents) resolves resolution selectors in the layers ("16", "16x12");
+    `alignment(prompt)` gives a prompt's word positions in the text sequence (default: the family's)."""
     patterns = spec.layer_patterns if spec.layers != "*" else ([layers] if isinstance(layers, str) else list(layers))
     if spec.name == "default":
         yield MapStore()
@@ -206,22 +188,21 @@ def use_processor(pipe, spec: ProcessorSpec, *, prompts: list[str], steps: int, 
                      max_step_bytes=max_step_bytes, latent_size=latent_size) as store:
             yield store
         return
+    family = family_of(pipe)
+    align = alignment or (lambda p: family.text_positions(pipe, p))
     store = MapStore(per_step=per_step, keep_heads=keep_heads, max_step_bytes=max_step_bytes,
                      cfg=guidance_probe(pipe))
-    tokenizer = pipe.tokenizer
     if spec.name == "reweight":
-        per_image = [token_weights(align_prompt(tokenizer, p), spec.weights) for p in prompts
-                     for _ in range(num_images_per_prompt)]
-        weights = torch.stack(per_image)
-        factory = lambda s, layer: ReweightProcessor(s, layer, weights)  # noqa: E731
+        per_image = [token_weights(align(p), spec.weights) for p in prompts for _ in range(num_images_per_prompt)]
+        steering = Steering(token_weights=torch.stack(per_image))
     else:
         if len(prompts) != 1 or num_images_per_prompt != 1:
             raise ValueError("the edit processor takes one source prompt and makes one image; got "
                              f"{len(prompts)} prompt(s) x {num_images_per_prompt} image(s)")
-        mapping = edit_token_map(align_prompt(tokenizer, prompts[0]), align_prompt(tokenizer, spec.edit_prompt))
-        inject_calls = round(float(spec.inject) * steps)
-        factory = lambda s, layer: EditProcessor(s, layer, mapping, inject_calls)  # noqa: E731
-    with install(pipe.unet, store, factory, patterns, latent_size):
+        mapping = edit_token_map(align(prompts[0]), align(spec.edit_prompt))
+        steering = Steering(token_map=mapping, inject_calls=round(float(spec.inject) * steps))
+    factory = lambda s, layer: family.processor(s, layer, spec.mode, steering=steering)  # noqa: E731
+    with install(family, store, factory, patterns, latent_size):
         yield store
 
 

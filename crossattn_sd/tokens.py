@@ -160,3 +160,14 @@ def vocabulary_note(prompts, vocabulary) -> str | None:
         return None
     return (f"this model was trained on a closed vocabulary and never saw {', '.join(map(repr, unknown))}; "
             f"it knows: {', '.join(vocabulary)}")
+
+
+def offset_alignment(part: PromptTokens, offset: int, tokens: tuple[str, ...]) -> PromptTokens:
+    """`part`'s alignment moved to start at position `offset` of a longer text sequence whose token strings are
+    `tokens` (e.g. SD3: CLIP's positions, then T5's): word and special indices shift by `offset`."""
+    return PromptTokens(
+        prompt=part.prompt, tokens=tuple(tokens),
+        words=tuple(Word(w.text, tuple(i + offset for i in w.token_indices), w.start, w.end) for w in part.words),
+        dropped_words=part.dropped_words,
+        special_indices={k: tuple(i + offset for i in v) for k, v in part.special_indices.items()},
+    )

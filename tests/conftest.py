@@ -100,6 +100,89 @@ def tiny_sdxl_pipeline(seed: int = 0, max_length: int = 16):
     return pipe
 
 
+def tiny_t5_tokenizer(max_length: int = 12):
+    """A T5 (sentencepiece Unigram) tokenizer over a closed vocabulary, built offline: whole-word pieces with the
+    "\u2581" word prefix, "circle" split into "\u2581cir" + "cle", and single letters as fallback."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    pieces += [("\u2581" + w, -1.0) for w in WHOLE_WORDS]
+    pieces += [("\u2581cir", -1.0), ("cle", -1.0)]
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    pieces += [(c, -5.0) for c in letters] + [("\u2581" + c, -5.0) for c in letters]
+    tok = Tokenizer(models.Unigram(pieces, unk_id=2, byte_fallback=False))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+                           extra_ids=0, model_max_length=max_length)
+
+
+def tiny_sd3_pipeline(seed: int = 0, max_length: int = 16, num_layers: int = 3, dual_attention_layers=(0,)):
+    """A seeded random StableDiffusion3Pipeline without T5 (its part of the text sequence is zeros): two CLIP
+    encoders with projections, an SD3.5-style transformer (qk RMS norm, a dual-attention first block, the last
+    block `context_pre_only`), flow matching, and a VAE with `shift_factor` 0.0 (SD3's pipeline adds it).
+    Patch 2 on a VAE of factor 2: a 32 x 48 image is an 8 x 12 token grid."""
+    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
+                           StableDiffusion3Pipeline)
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    tokenizer, tokenizer_2 = tiny_tokenizer(max_length), tiny_tokenizer(max_length, pad_token="!")
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=num_layers, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=32,
+        pos_embed_max_size=32, qk_norm="rms_norm", dual_attention_layers=tuple(dual_attention_layers),
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16), norm_num_groups=4,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, shift_factor=0.0,
+    )
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=max_length, bos_token_id=0, eos_token_id=1, pad_token_id=1, projection_dim=16,
+    )
+    text_encoder, text_encoder_2 = CLIPTextModelWithProjection(config), CLIPTextModelWithProjection(config)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=text_encoder,
+        tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, text_encoder_3=None,
+        tokenizer_3=None,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_flux_pipeline(seed: int = 0, max_length: int = 16, t5_length: int = 12):
+    """A seeded random FluxPipeline: CLIP (pooled) and a tiny T5 over `tiny_t5_tokenizer`, a transformer with
+    one double- and one single-stream block, 2x2-packed latents (in_channels 16 from the VAE's 4), flow
+    matching. VAE factor 2, so a 32 x 48 image is an 8 x 12 token grid."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    tokenizer, tokenizer_2 = tiny_tokenizer(max_length), tiny_t5_tokenizer(t5_length)
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16, axes_dims_rope=(4, 6, 6),
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16), norm_num_groups=4,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, shift_factor=0.0,
+    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=max_length, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+    ))
+    text_encoder_2 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_2), d_model=32, d_kv=8, d_ff=32,
+                                             num_layers=2, num_heads=4, pad_token_id=0, eos_token_id=1)).eval()
+    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=text_encoder,
+                        tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
+                        transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 @pytest.fixture
 def sd_pipe():
     return tiny_sd_pipeline()

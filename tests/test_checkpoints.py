@@ -256,7 +256,7 @@ class FakePipeline:
 
     def __init__(self, source, torch_dtype):
         self.source, self.dtype, self.device, self.offloaded = source, torch_dtype, None, False
-        self.unet = SimpleNamespace(config=SimpleNamespace(sample_size=64))
+        self.unet = meta_unet("sd15")  # a real UNet class: load_pipeline checks the model's family
 
     def to(self, device):
         self.device = device

@@ -27,9 +27,9 @@ def test_generate_with_reweight(sd_pipe_dir, tmp_path):
     out = tmp_path / "run"
     assert main(args("generate", out, sd_pipe_dir, "--processor", "reweight", "--weights", "circle:2")) == 0
     meta = json.loads((out / "meta.json").read_text())
-    assert meta["settings"]["processor"] == {"name": "reweight", "mode": "explicit", "weights": [["circle", 2.0]],
+    assert meta["settings"]["processor"] == {"name": "reweight", "mode": "exact", "weights": [["circle", 2.0]],
                                              "edit_prompt": None, "inject": 0.8, "layers": "*"}
-    assert meta["settings"]["mode"] == "explicit"
+    assert meta["settings"]["mode"] == "exact"  # reweight runs through the values at SDPA speed
     with np.load(out / "maps.npz") as maps:
         assert sorted(maps.files) == sorted(WORDS)
     assert sorted(p.name for p in out.glob("overlay-*.png")) == sorted(f"overlay-{w}.png" for w in WORDS)

@@ -46,14 +46,28 @@ def edit(edit_prompt, **kwargs):
     return ProcessorSpec("edit", edit_prompt=edit_prompt, **kwargs)
 
 
-def test_reweight_with_unit_weights_is_capture_explicit_bit_for_bit(pipe, explicit):
-    spec = reweight(("red", 1.0), ("circle", 1.0))
-    assert spec.mode == "explicit"  # steering changes probabilities, so it always runs the explicit math
+@pytest.mark.parametrize("mode", ["exact", "explicit"])
+def test_reweight_with_unit_weights_is_capture_bit_for_bit(pipe, exact, explicit, mode):
+    """Exact mode reweights through the values (SDPA(Q, K, w * V)): weights 1 are capture's exact images."""
+    spec = reweight(("red", 1.0), ("circle", 1.0), mode=mode)
+    assert spec.mode == mode
     ours = generate(pipe, PROMPT, processor=spec, **KW)
-    assert np.array_equal(pixels(ours), pixels(explicit))
-    assert ours.store.layers == explicit.store.layers
-    assert all(torch.equal(ours.store.sums[l], explicit.store.sums[l]) for l in explicit.store.layers)
+    baseline = exact if mode == "exact" else explicit
+    assert np.array_equal(pixels(ours), pixels(baseline))
+    assert ours.store.layers == baseline.store.layers
+    assert all(torch.equal(ours.store.sums[l], baseline.store.sums[l]) for l in baseline.store.layers)
     assert ours.settings["processor"]["weights"] == (("red", 1.0), ("circle", 1.0))
+
+
+def test_exact_reweight_equals_explicit_reweight(pipe):
+    """SDPA(Q, K, w * V) = (p * w) @ V: the two modes agree to float rounding, maps included."""
+    spec = dict(weights=(("circle", 0.0), ("red", 2.0)))
+    ours = generate(pipe, PROMPT, processor=ProcessorSpec("reweight", mode="exact", **spec), **KW)
+    ref = generate(pipe, PROMPT, processor=ProcessorSpec("reweight", mode="explicit", **spec), **KW)
+    assert np.abs(pixels(ours).astype(int) - pixels(ref)).max() <= 1
+    for layer in ref.store.layers:
+        torch.testing.assert_close(ours.store.sums[layer], ref.store.sums[layer], rtol=0, atol=1e-5)
+    assert ours.heatmap("circle", normalize_by="none").max() == 0
 
 
 def test_default_processor_records_nothing_and_equals_capture_exact(pipe, exact):
@@ -132,7 +146,7 @@ def test_layer_subset_only_steers_and_records_those_layers(pipe, explicit):
     assert sorted(ours.store.layers) == sorted(down) and 0 < len(down) < len(layers)
     for key, proc in seen[0].items():
         if key.removesuffix(".processor") in down:
-            assert isinstance(proc, ReweightProcessor)
+            assert isinstance(proc, CaptureProcessor) and proc.steering.token_weights is not None
         else:
             assert proc is before[key]
     circle = ours.alignments[0].indices_of("circle")

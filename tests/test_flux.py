@@ -1,0 +1,129 @@
+"""Flux joint attention: exact images, double- and single-stream maps on the packed grid, words, bundles, reweight,
+and the full FLUX.1-dev transformer on the meta device."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_flux_pipeline
+from crossattn_sd import capture, generate, load_result
+from crossattn_sd.families import FluxFamily, family_of
+from crossattn_sd.families.flux import FluxCaptureProcessor
+from crossattn_sd.maps import MapStore
+from crossattn_sd.processors import cross_attention_layers, install
+from crossattn_sd.steering import ProcessorSpec
+
+PROMPT = "a red circle on the left"
+WORDS = ["a", "red", "circle", "on", "the", "left"]
+T5_LENGTH = 12
+KW = dict(steps=2, guidance_scale=3.5, height=32, width=48, max_sequence_length=T5_LENGTH)
+CONFIGS = Path(__file__).parent / "configs"
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_flux_pipeline(t5_length=T5_LENGTH)
+
+
+def run(pipe, height=32, width=48, steps=2):
+    generator = torch.Generator().manual_seed(0)
+    return pipe(PROMPT, num_inference_steps=steps, guidance_scale=3.5, height=height, width=width,
+                generator=generator, output_type="np", max_sequence_length=T5_LENGTH).images
+
+
+@pytest.mark.parametrize("height,width", [(32, 32), (32, 48)])
+def test_exact_images_equal_diffusers_flux_processor_bit_for_bit(pipe, height, width):
+    reference = run(pipe, height, width)
+    before = dict(pipe.transformer.attn_processors)
+    with capture(pipe) as store:
+        ours = run(pipe, height, width)
+    assert np.abs(ours - reference).max() == 0
+    assert store.layers == ["transformer_blocks.0.attn", "single_transformer_blocks.0.attn"]
+    grid = (height // pipe.vae_scale_factor // 2, width // pipe.vae_scale_factor // 2)  # 2x2-packed latents
+    assert {store.layer_shape(l) for l in store.layers} == {grid}
+    assert all(p is before[k] for k, p in pipe.transformer.attn_processors.items())
+
+
+def test_single_stream_map_is_the_text_share_of_the_joined_sequence(pipe):
+    """The single-stream block sees [text; image] with no encoder states: its recorded map is the image queries'
+    softmax over all keys, text columns only, equal to a brute-force reference from the layer's own modules."""
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    layer = "single_transformer_blocks.0.attn"
+    attn = pipe.transformer.get_submodule(layer)
+    grabbed = []
+    hook = attn.register_forward_pre_hook(
+        lambda m, args, kwargs: grabbed.append((kwargs["hidden_states"].clone(), kwargs["image_rotary_emb"])),
+        with_kwargs=True)
+    family = family_of(pipe)
+    store = MapStore(chunk_bytes=4096)
+    try:
+        with install(family, store, lambda s, name: family.processor(s, name)):
+            run(pipe)
+    finally:
+        hook.remove()
+    total = 0
+    for hidden, rope in grabbed:
+        with torch.no_grad():
+            q = attn.norm_q(attn.to_q(hidden).unflatten(-1, (-1, attn.head_dim)))
+            k = attn.norm_k(attn.to_k(hidden).unflatten(-1, (-1, attn.head_dim)))
+            q, k = apply_rotary_emb(q, rope, sequence_dim=1), apply_rotary_emb(k, rope, sequence_dim=1)
+            q, k = q.transpose(1, 2), k.transpose(1, 2)
+            full = (q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5).softmax(-1)
+        total = total + full[:, :, T5_LENGTH:, :T5_LENGTH].mean(1)  # image queries x text keys (text first)
+    reference = (total / len(grabbed)).reshape(1, 8, 12, T5_LENGTH)
+    torch.testing.assert_close(store.layer_mean(layer), reference, rtol=0, atol=1e-6)
+    assert (store.layer_mean(layer).sum(-1) < 1).all()
+
+
+def test_generate_words_maps_bundle_and_reweight(pipe, tmp_path):
+    result = generate(pipe, PROMPT, **KW)
+    assert result.words == WORDS and result.settings["family"] == "flux" and result.settings["text_part"] == "t5"
+    maps = result.word_maps()
+    assert list(maps) == WORDS and all(m.shape == (32, 48) for m in maps.values())
+    with pytest.raises(ValueError, match="word 'zebra' is not in the prompt"):
+        result.heatmap("zebra")
+    loaded = load_result(result.save(tmp_path / "run"))
+    assert loaded.store.layers == result.store.layers  # double-stream before single-stream, as recorded
+    np.testing.assert_array_equal(loaded.heatmap("circle"), result.heatmap("circle"))
+
+    ones = generate(pipe, PROMPT, processor=ProcessorSpec("reweight", weights=(("circle", 1.0),)), **KW)
+    assert np.array_equal(np.asarray(ones.images[0]), np.asarray(result.images[0]))
+    zero = generate(pipe, PROMPT, processor=ProcessorSpec("reweight", weights=(("circle", 0.0),)), **KW)
+    assert zero.heatmap("circle", normalize_by="none").max() == 0
+    assert not np.array_equal(np.asarray(zero.images[0]), np.asarray(result.images[0]))
+    with pytest.raises(ValueError, match="Flux layers record in exact mode only"):
+        generate(pipe, PROMPT, mode="explicit", **KW)
+
+
+def test_full_flux1_dev_transformer_on_the_meta_device():
+    """FLUX.1-dev's published config, weights on the meta device: all 57 attention layers found, processors
+    installed and restored, and a shapes-only forward at 1024 px yields maps on the 64 x 64 token grid."""
+    from accelerate import init_empty_weights
+    from diffusers import FluxTransformer2DModel
+
+    config = json.loads((CONFIGS / "flux1_dev_transformer.json").read_text())
+    with init_empty_weights():
+        transformer = FluxTransformer2DModel.from_config(config)
+    layers = cross_attention_layers(transformer)
+    assert len(layers) == 19 + 38 and layers[0] == "transformer_blocks.0.attn"
+    assert layers[-1] == "single_transformer_blocks.37.attn"
+    before = dict(transformer.attn_processors)
+    meta = dict(device="meta")
+    grid = 64  # 1024 px / VAE factor 8 / 2x2 packing
+    args = dict(hidden_states=torch.empty(1, grid * grid, 64, **meta),
+                encoder_hidden_states=torch.empty(1, 512, 4096, **meta),
+                pooled_projections=torch.empty(1, 768, **meta), timestep=torch.empty(1, **meta),
+                img_ids=torch.empty(grid * grid, 3, **meta), txt_ids=torch.empty(512, 3, **meta),
+                guidance=torch.empty(1, **meta))
+    with capture(transformer, latent_size=(128, 128)) as store:
+        assert all(isinstance(transformer.attn_processors[f"{l}.processor"], FluxCaptureProcessor) for l in layers)
+        with torch.no_grad():
+            transformer(**args)
+    assert store.layers == layers
+    assert {store.layer_shape(l) for l in layers} == {(grid, grid)}
+    assert store.sums[layers[0]].shape == (1, grid, grid, 512)
+    assert all(p is before[k] for k, p in transformer.attn_processors.items())
+    assert FluxFamily(transformer).layer_sizes((128, 96))[layers[-1]] == (64, 48)
