@@ -3,26 +3,25 @@
 One `AttentionService` serves every user of a server. It owns the pipeline (loaded on first use) and no
 per-user data: a user's generations are `Entry` objects that the UI keeps in that user's session state, and
 each generation records into its own map store (`generate` makes one per call). The pipeline and its scheduler
-are shared, so the UI's queue runs one generation at a time; inspection only reads stored maps, never re-runs
-diffusion, and may run concurrently. No Gradio here: errors are `ValueError`s with a message for the user.
+are shared, so the service runs one generation at a time (a lock held for the whole pipeline call, whoever
+calls: the UI's queue, the API, Python), and a stopped run holds it until its current step is done and its
+processors are restored; inspection only reads stored maps, never re-runs diffusion, and may run concurrently.
+Files for the browser go to a bounded work folder (`workdir.WorkFolder`). No Gradio here: errors are
+`ValueError`s with a message for the user.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import io
-import os
+import math
 import random
 import re
 import shutil
-import tempfile
 import threading
 import time
 import uuid
-import weakref
-import zipfile
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -32,10 +31,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 
-from .cli import safe_name
+from .bundles import BUNDLE_MEMBERS, MAX_BUNDLE_BYTES, read_bundle, zip_folder  # noqa: F401 (public here too)
 from .config import EMBEDDED, ModelPreset, load_presets
+from .names import image_name, safe_name
 from .overlay import CMAPS, DEFAULT_CMAP, animation, blend, captioned, colorize
 from .overlay import grid as word_grid
+from .workdir import VIEW_MAX_AGE_S, WorkFolder  # noqa: F401
 
 if TYPE_CHECKING:
     from .result import GenerationResult
@@ -44,11 +45,8 @@ MAX_PROMPT_CHARS = 1000
 MAX_STEPS = 100
 MAX_GUIDANCE = 20.0
 MAX_SEED = 2**32 - 1
-MAX_HISTORY = 12  # generations kept per session; older ones drop out of the gallery (their zips stay)
-MAX_BUNDLE_BYTES = 4 << 30  # uncompressed size an uploaded bundle may have
+MAX_HISTORY = 12  # generations kept per session; older ones drop out of the gallery
 MAX_OPEN_BUNDLES = 8  # bundles kept loaded for /heatmap calls
-VIEW_MAX_AGE_S = 3600  # drawn views (PNGs, GIFs) go to the browser at once; older ones are deleted
-BUNDLE_MEMBERS = re.compile(r"(meta\.json|attention\.safetensors|maps\.npz|image(-\d+)?\.png)")
 # Words that rarely carry a region of their own: the word chips start on the first word that is not one.
 FUNCTION_WORDS = {"a", "an", "the", "on", "in", "at", "of", "and", "with", "to", "is", "by"}
 
@@ -117,8 +115,8 @@ class Entry:
     """One generation (or opened bundle) of a session: the result, where it is saved, a caption."""
 
     result: GenerationResult
-    folder: Path  # result.save() output
-    bundle: Path  # that folder as a zip
+    folder: Path  # the result.save() folder in the outputs folder; else the entry's work folder
+    bundle: Path  # the result as a zip, in the entry's work folder (with the images the browser is sent)
     caption: str
     seconds: float | None = None
 
@@ -133,7 +131,8 @@ class Entry:
 
     @property
     def image_path(self) -> Path:
-        return self.folder / ("image.png" if self.index == 0 else f"image-{self.index}.png")
+        """The shown image's file in the work folder (a file Gradio may serve, wherever the outputs are)."""
+        return self.bundle.parent / image_name(self.index)
 
     @property
     def dropped_words(self) -> list[str]:
@@ -216,50 +215,6 @@ def pixel_difference(a: Image.Image, b: Image.Image) -> tuple[Image.Image, int]:
     return Image.fromarray((diff * (255.0 / max(1, peak))).astype(np.uint8)).convert("RGB"), peak
 
 
-def _write_once(folder: Path, data: bytes, suffix: str) -> Path:
-    """Write `data` to a file named by its hash (the same view twice is one file)."""
-    path = folder / f"{hashlib.sha1(data).hexdigest()[:20]}{suffix}"
-    try:
-        os.utime(path)  # in use again: not old
-    except FileNotFoundError:
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{uuid.uuid4().hex}.tmp")
-        tmp.write_bytes(data)
-        tmp.replace(path)
-    return path
-
-
-def zip_folder(folder: Path, zip_path: Path) -> Path:
-    """Zip a saved result (binary maps stored as they are: they barely compress)."""
-    zip_path.parent.mkdir(parents=True, exist_ok=True)
-    with zipfile.ZipFile(zip_path, "w") as zf:
-        for path in sorted(folder.iterdir()):
-            if path.is_file() and BUNDLE_MEMBERS.fullmatch(path.name):
-                packed = path.suffix in (".safetensors", ".npz", ".png")
-                zf.write(path, path.name, compress_type=zipfile.ZIP_STORED if packed else zipfile.ZIP_DEFLATED)
-    return zip_path
-
-
-def unzip_bundle(zip_path: Path, folder: Path) -> Path:
-    """Extract a bundle's known files only (no paths, bounded size); ValueError if it is not a bundle."""
-    try:
-        with zipfile.ZipFile(zip_path) as zf:
-            members = [i for i in zf.infolist() if BUNDLE_MEMBERS.fullmatch(i.filename)]
-            names = {i.filename for i in members}
-            if not {"meta.json", "attention.safetensors", "image.png"} <= names:
-                raise ValueError("it lacks meta.json, attention.safetensors or image.png")
-            if sum(i.file_size for i in members) > MAX_BUNDLE_BYTES:
-                raise ValueError(f"it unpacks to more than {MAX_BUNDLE_BYTES >> 30} GiB")
-            folder.mkdir(parents=True, exist_ok=True)
-            for info in members:
-                with zf.open(info) as src, open(folder / info.filename, "wb") as dst:
-                    shutil.copyfileobj(src, dst)
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as err:
-        raise ValueError(f"{Path(zip_path).name} is not a crossattn-sd map bundle ({err}); upload a .zip "
-                         "downloaded from this app or made from a folder written by result.save()") from err
-    return folder
-
-
 class AttentionService:
     """Generation and inspection for the web UI; one instance per server, shared by all sessions.
 
@@ -278,11 +233,16 @@ class AttentionService:
         self._pipe = pipe
         self._defaults: Defaults | None = None
         self._stops: dict[str, threading.Event] = {}  # session -> stop flag of its pending or running generation
+        self._generating = threading.Lock()  # held for a whole pipeline call: the pipeline is shared
+        self._loading = threading.Lock()
         self._open: OrderedDict[tuple, Entry] = OrderedDict()  # bundles opened by /heatmap, least recent first
         self._open_lock = threading.Lock()  # inspection runs concurrently; the cache is shared
-        self.workdir = Path(tempfile.mkdtemp(prefix="crossattn-sd-"))
-        self._pruned = time.monotonic()
-        weakref.finalize(self, shutil.rmtree, self.workdir, True)
+        self.work = WorkFolder()
+
+    @property
+    def workdir(self) -> Path:
+        """The server's work folder (see `workdir.WorkFolder`)."""
+        return self.work.path
 
     @classmethod
     def from_model(cls, model: str | None = None, *, allow_any_model: bool = False, **kwargs) -> "AttentionService":
@@ -302,12 +262,13 @@ class AttentionService:
 
     @property
     def pipe(self):
-        """The pipeline, loaded on first use (generation is serialised by the UI's queue)."""
-        if self._pipe is None:
-            from .pipeline import load_pipeline
+        """The pipeline, loaded on first use (once, whoever asks first)."""
+        with self._loading:
+            if self._pipe is None:
+                from .pipeline import load_pipeline
 
-            source = self.preset.name if self.preset.name in load_presets() else self.preset.source
-            self._pipe = load_pipeline(source, device=self.device, dtype=self.dtype, offload=self.offload)
+                source = self.preset.name if self.preset.name in load_presets() else self.preset.source
+                self._pipe = load_pipeline(source, device=self.device, dtype=self.dtype, offload=self.offload)
         return self._pipe
 
     def defaults(self) -> Defaults:
@@ -348,6 +309,12 @@ class AttentionService:
         if flag is None or flag.is_set():
             self._stops[session] = threading.Event()
 
+    def run_flag(self, session: str) -> threading.Event:
+        """The stop flag the session's next `generate` or `compare` will use (armed by `prepare_run`, else new):
+        a caller that must be able to stop the run from elsewhere (the UI, when Gradio cancels an event) takes it
+        before the run starts and passes it as `cancel`."""
+        return self._stops.setdefault(session, threading.Event())
+
     def stop(self, session: str) -> bool:
         """Ask the session's pending or running generation to stop; False if it has none."""
         flag = self._stops.get(session)
@@ -382,13 +349,16 @@ class AttentionService:
         checks = (("seed", req.seed, 0, MAX_SEED), ("steps", req.steps, 1, MAX_STEPS),
                   ("width", req.width, d.size_step, d.max_side), ("height", req.height, d.size_step, d.max_side))
         for name, value, low, high in checks:
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+            if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+                    or int(value) != value):
                 raise ValueError(f"{name} must be a whole number, got {value!r}")
             if not low <= value <= high:
                 raise ValueError(f"{name}={int(value)} is out of range; use {low}..{high}")
         for name in ("width", "height"):
             if getattr(req, name) % d.size_step:
                 raise ValueError(f"{name}={getattr(req, name)} is not a multiple of {d.size_step}")
+        if isinstance(req.guidance, bool) or not isinstance(req.guidance, (int, float)):
+            raise ValueError(f"guidance must be a number, got {req.guidance!r}")
         if not 0 <= float(req.guidance) <= MAX_GUIDANCE:
             raise ValueError(f"guidance={req.guidance} is out of range; use 0..{MAX_GUIDANCE:g}")
         if req.scheduler not in d.schedulers:
@@ -397,57 +367,98 @@ class AttentionService:
                                    height=int(req.height), guidance=float(req.guidance))
 
     def generate(self, req: GenerateRequest, *, session: str = "", progress: Callable[[int, int], None] | None = None,
-                 ) -> Entry:
+                 cancel: threading.Event | None = None) -> Entry:
         """Generate one image with its maps, save it (and its zip bundle), and return the session's new entry.
 
-        Raises `ValueError` for bad settings and `pipeline.GenerationCancelled` when `stop(session)` was called.
+        Waits for the generation that holds the pipeline to end. Raises `ValueError` for bad settings and
+        `pipeline.GenerationCancelled` when `stop(session)` was called or `cancel` set (from `run_flag`); a
+        stopped run ends after its current step, with its processors restored, and is not saved.
         """
-        flag = self._stops.setdefault(session, threading.Event())
+        flag = cancel if cancel is not None else self.run_flag(session)
         try:
             return self._generate(self._check(req), flag, progress)
         finally:
             if self._stops.get(session) is flag:
                 del self._stops[session]
 
+    @contextlib.contextmanager
+    def _pipeline_slot(self, flag: threading.Event):
+        """Hold the pipeline for one call: wait while another generation holds it (a stopped one still runs its
+        current step and restores its processors), unless this run is stopped meanwhile."""
+        from .pipeline import GenerationCancelled
+
+        while not self._generating.acquire(timeout=0.05):
+            if flag.is_set():
+                raise GenerationCancelled("generation was cancelled")
+        try:
+            yield
+        finally:
+            self._generating.release()
+
     def _generate(self, req: GenerateRequest, flag: threading.Event, progress) -> Entry:
         from .pipeline import GenerationCancelled, generate
 
         spec = self._spec(req)
-        if flag.is_set():  # stopped while waiting in the queue
+        with self._pipeline_slot(flag):
+            if flag.is_set():  # stopped while waiting in the queue
+                raise GenerationCancelled("generation was cancelled")
+            start = time.perf_counter()
+            # the default map view is this service's preset's, whatever pipe it was given
+            result = generate(
+                self.pipe, req.prompt, negative_prompt=req.negative_prompt or None, seed=req.seed, steps=req.steps,
+                guidance_scale=req.guidance, height=req.height, width=req.width, mode=spec.mode,
+                per_step=req.per_step, scheduler=None if req.scheduler == "default" else req.scheduler,
+                keep_heads=True, processor=spec, map_layers=self.preset.map_layers, progress=progress, cancel=flag)
+            seconds = time.perf_counter() - start
+        if flag.is_set():  # stopped after its last step: the caller was told it stopped; keep nothing
             raise GenerationCancelled("generation was cancelled")
-        start = time.perf_counter()
-        # the default map view is this service's preset's, whatever pipe it was given
-        result = generate(
-            self.pipe, req.prompt, negative_prompt=req.negative_prompt or None, seed=req.seed, steps=req.steps,
-            guidance_scale=req.guidance, height=req.height, width=req.width, mode=spec.mode, per_step=req.per_step,
-            scheduler=None if req.scheduler == "default" else req.scheduler, keep_heads=True, processor=spec,
-            map_layers=self.preset.map_layers, progress=progress, cancel=flag)
-        return self._store(result, time.perf_counter() - start)
+        return self._store(result, seconds)
 
-    def _store(self, result: GenerationResult, seconds: float | None) -> Entry:
-        """Save a result to its own folder (in `outputs` if set) and zip it."""
+    def _store(self, result: GenerationResult, seconds: float | None, *, outputs: bool = True) -> Entry:
+        """Save a result (in its own subfolder of `outputs` if set), zip it into a new work-folder entry and put
+        the images the browser is sent next to the zip."""
         s = result.settings
         prompt = s["prompt"] if isinstance(s["prompt"], str) else s["prompt"][0]
-        name = f"{safe_name(' '.join(prompt.split()[:6]))[:48]}-s{s['seed']}"
-        key = uuid.uuid4().hex[:8]
-        if self.outputs is not None:
-            folder = self.outputs / f"{time.strftime('%Y%m%d-%H%M%S')}-{name}-{key}"
-        else:
-            folder = self.workdir / "runs" / key
-        result.save(folder)
-        bundle = zip_folder(folder, self.workdir / "bundles" / key / f"crossattn-{name}.zip")
-        processor = s["processor"]["name"]
-        caption = f"{result.alignments[-1].prompt[:60]} · seed {s['seed']} · {processor}"
+        name = f"{safe_name(' '.join(str(prompt).split()[:6]))[:48]}-s{s.get('seed')}"
+        work = self.work.new_entry()
+        images = [image_name(i) for i in range(len(result.images))]
+        if outputs and self.outputs is not None:
+            folder = self.outputs / f"{time.strftime('%Y%m%d-%H%M%S')}-{name}-{uuid.uuid4().hex[:8]}"
+            result.save(folder)
+            bundle = zip_folder(folder, work / f"crossattn-{name}.zip")
+            for image in images:
+                shutil.copyfile(folder / image, work / image)
+        else:  # save into the entry's folder, zip, and keep only the zip and the images
+            folder = result.save(work)
+            bundle = zip_folder(work, work / f"crossattn-{name}.zip")
+            for path in work.iterdir():
+                if path.name not in (bundle.name, *images):
+                    path.unlink()
+        processor = (s.get("processor") or {}).get("name", "capture")
+        caption = f"{result.alignments[-1].prompt[:60]} · seed {s.get('seed')} · {processor}"
         return Entry(result=result, folder=folder, bundle=bundle, caption=caption, seconds=seconds)
 
+    def files(self, entry: Entry) -> Entry:
+        """Make sure an entry's zip and images are in the work folder (pruning deletes old ones; a session may
+        still show them): write them again if they are gone. Returns the entry, updated in place."""
+        if entry.bundle.is_file() and entry.image_path.is_file():
+            self.work.touch(entry.bundle.parent)
+            return entry
+        fresh = self._store(entry.result, entry.seconds, outputs=False)
+        entry.bundle = fresh.bundle
+        if entry.folder.parent.parent == self.workdir / "entries" or not entry.folder.exists():
+            entry.folder = fresh.folder
+        return entry
+
     def compare(self, req: GenerateRequest, baseline: str = "capture", *, session: str = "",
-                progress: Callable[[int, int], None] | None = None) -> Comparison:
+                progress: Callable[[int, int], None] | None = None, cancel: threading.Event | None = None,
+                ) -> Comparison:
         """The request's processor (B) against a baseline processor (A), same prompt and seed."""
         if baseline not in ("capture", "default"):
             raise ValueError(f"unknown baseline {baseline!r}; use capture or default")
         req = self._check(req)
         total = 2 * req.steps
-        flag = self._stops.setdefault(session, threading.Event())
+        flag = cancel if cancel is not None else self.run_flag(session)
         try:
             a = self._generate(dataclasses.replace(req, processor=baseline, weights="", edit_prompt=""), flag,
                                progress and (lambda i, n: progress(i, total)))
@@ -469,21 +480,25 @@ class AttentionService:
     # -- bundles ---------------------------------------------------------------------------------------------
 
     def open_bundle(self, path: str | Path) -> Entry:
-        """Load a zip bundle (uploaded or downloaded earlier) for inspection; ValueError if it is not one."""
-        from .result import load_result
+        """Load a zip bundle (uploaded or downloaded earlier) for inspection; ValueError if it is not one.
 
+        The zip is checked before extraction and its files as a whole after (see `bundles.read_bundle`);
+        messages name the file by its base name only."""
         path = Path(path)
         if path.suffix.lower() != ".zip":
             raise ValueError(f"{path.name} is not a .zip map bundle; upload the .zip this app lets you download")
-        key = uuid.uuid4().hex[:8]
-        folder = unzip_bundle(path, self.workdir / "opened" / key)
-        result = load_result(folder)
-        bundle = self.workdir / "bundles" / key / path.name
-        bundle.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(path, bundle)
+        work = self.work.new_entry()
+        try:
+            with self.work.scratch() as scratch:
+                result = read_bundle(path, scratch, keep_images=work)
+            bundle = work / path.name
+            shutil.copyfile(path, bundle)
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
         s = result.settings
         caption = f"{result.alignments[-1].prompt[:60]} · seed {s.get('seed')} · opened"
-        return Entry(result=result, folder=folder, bundle=bundle, caption=caption)
+        return Entry(result=result, folder=work, bundle=bundle, caption=caption)
 
     def _opened(self, path: str | Path) -> Entry:
         """`open_bundle` with a small cache (repeated /heatmap calls on one bundle read it once)."""
@@ -502,7 +517,7 @@ class AttentionService:
             self._open[key] = entry
             while len(self._open) > MAX_OPEN_BUNDLES:
                 _, old = self._open.popitem(last=False)
-                shutil.rmtree(old.folder, ignore_errors=True)
+                shutil.rmtree(old.bundle.parent, ignore_errors=True)
         return entry
 
     def heatmap_file(self, bundle: str | Path, word: str, filters: MapFilters = MapFilters()) -> Path:
@@ -517,16 +532,9 @@ class AttentionService:
         return self._view_file(buf.getvalue(), ".png")
 
     def _view_file(self, data: bytes, suffix: str) -> Path:
-        """Write a drawn view to the work folder; once a minute, delete views older than VIEW_MAX_AGE_S (a
-        server runs for weeks; every word and filter change draws new ones)."""
-        folder = self.workdir / "views"
-        if time.monotonic() - self._pruned > 60:
-            self._pruned = time.monotonic()
-            for old in folder.glob("*"):
-                with contextlib.suppress(FileNotFoundError):  # another thread's prune got there first
-                    if time.time() - old.stat().st_mtime > VIEW_MAX_AGE_S:
-                        old.unlink()
-        return _write_once(folder, data, suffix)
+        """Write a drawn view to the work folder (pruned: a server runs for weeks, and every word and filter
+        change draws new ones)."""
+        return self.work.view(data, suffix)
 
     # -- inspection (stored maps only) -----------------------------------------------------------------------
 
