@@ -53,12 +53,16 @@ def bundle_members(zf: zipfile.ZipFile) -> list[zipfile.ZipInfo]:
         raise ValueError(f"it lacks {', '.join(missing)}")
     total = sum(i.file_size for i in members)
     if total > MAX_BUNDLE_BYTES:
-        raise ValueError(f"it unpacks to {total / 2**30:.1f} GiB; the limit is {MAX_BUNDLE_BYTES / 2**30:g} GiB")
+        raise ValueError(f"it unpacks to {_human(total)}; the limit is {_human(MAX_BUNDLE_BYTES)}")
     for i in members:
         if i.file_size > SMALL_MEMBER and i.file_size > MAX_RATIO * max(1, i.compress_size):
             raise ValueError(f"{i.filename} unpacks {i.file_size // max(1, i.compress_size)} times larger than "
                              f"it is packed; the limit is {MAX_RATIO}")
     return members
+
+
+def _human(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n} bytes"
 
 
 def _extract(zf: zipfile.ZipFile, info: zipfile.ZipInfo, folder: Path) -> None:
@@ -90,6 +94,8 @@ def read_bundle(zip_path: str | Path, scratch: str | Path | None = None, *, name
 
     zip_path = Path(zip_path)
     name = name or zip_path.name
+    if scratch is not None:
+        Path(scratch).mkdir(parents=True, exist_ok=True)
     try:
         with zipfile.ZipFile(zip_path) as zf, tempfile.TemporaryDirectory(dir=scratch, prefix="open-") as tmp:
             members = bundle_members(zf)
