@@ -544,16 +544,22 @@ def _interrupt(signum, frame):
 
 def serve(host: str = "127.0.0.1", port: int = 7860, model: str | None = None, share: bool = False,
           auth: str | None = None, outputs: str | None = "outputs", allow_any_model: bool = False,
-          device: str | None = None, dtype: str | None = None, offload: bool = False) -> int:
-    """Run the web UI until interrupted (what `crossattn-sd serve` and `python app.py` call)."""
-    service = AttentionService.from_model(model, allow_any_model=allow_any_model, outputs=outputs or None,
-                                          device=device, dtype=dtype, offload=offload)
+          device: str | None = None, dtype: str | None = None, offload: bool = False,
+          service: AttentionService | None = None) -> int:
+    """Run the web UI until interrupted (what `crossattn-sd serve` and `python app.py` call); `service`: one
+    already built (then the model options are not used)."""
+    if service is None:
+        service = AttentionService.from_model(model, allow_any_model=allow_any_model, outputs=outputs or None,
+                                              device=device, dtype=dtype, offload=offload)
     # SIGTERM (systemd, docker stop, kill) shuts down like Ctrl-C: Gradio closes the server, and the work folder
     # is removed at exit (Python's default SIGTERM ends the process without running any cleanup).
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt)
+    demo = build_demo(service)
     try:
-        launch(build_demo(service), server_name=host, server_port=port, share=share, auth=parse_auth(auth))
+        launch(demo, server_name=host, server_port=port, share=share, auth=parse_auth(auth))
+    except KeyboardInterrupt:  # before `launch` blocks (from then on Gradio catches it and closes the server)
+        demo.close()
     finally:
         service.work.remove()
     return 0
