@@ -13,6 +13,7 @@ import socket
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.request
 import zipfile
 from pathlib import Path
@@ -277,3 +278,31 @@ def test_sigterm_removes_the_work_folder():
         signal.signal(signal.SIGTERM, old)
     killer.join()
     assert not service.workdir.exists()
+
+
+def test_auth_is_required_and_uploads_are_bounded(service, tmp_path, monkeypatch):
+    from crossattn_sd import ui
+
+    monkeypatch.setattr(ui, "MAX_UPLOAD_BYTES", 4096)  # `launch` passes it to Gradio as max_file_size
+    demo = ui.build_demo(service)
+    _, url, _ = ui.launch(demo, server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True,
+                          quiet=True, auth=("user", "secret"))
+    try:
+        with pytest.raises(urllib.error.HTTPError, match="401"):
+            call_raw(url, "generate", [PROMPT])
+        client = Client(url, auth=("user", "secret"), verbose=False)
+        big = tmp_path / "big.zip"
+        big.write_bytes(bytes(8192))
+        with pytest.raises(Exception, match="413|too large|exceeds"):
+            client.predict(handle_file(big), "red", api_name="/heatmap")
+        image, _, _ = client.predict(PROMPT, steps=1, api_name="/generate")
+        assert pixels(image).shape == (32, 32, 3)
+    finally:
+        demo.close()
+
+
+def test_the_server_listens_on_loopback_unless_told():
+    from crossattn_sd.cli import build_parser
+
+    args = build_parser().parse_args(["serve"])
+    assert (args.host, args.share, args.auth, args.allow_any_model) == ("127.0.0.1", False, None, False)
