@@ -36,10 +36,10 @@ from .bundles import MAX_BUNDLE_BYTES
 from .service import MAX_SEED, AttentionService, Comparison, Entry, GenerateRequest
 
 QUEUE_SIZE = 32  # requests waiting beyond this are refused ("queue full") rather than piling up
+INSPECT_CONCURRENCY = 4  # inspection handlers running at once; generation always runs one at a time
 MAX_UPLOAD_BYTES = MAX_BUNDLE_BYTES  # Gradio refuses larger uploads before they reach a handler
 NOT_UPLOADED = ("the bundle must be a .zip uploaded to this server (gradio_client: handle_file(path); the raw "
                 "API: POST /gradio_api/upload, then pass the FileData it returns); a server path is not read")
-INSPECT_CONCURRENCY = 4  # inspection handlers running at once; generation always runs one at a time
 THEME = gr.themes.Soft(primary_hue="indigo", neutral_hue="slate",
                        font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
 CSS = """
