@@ -10,12 +10,12 @@ import argparse
 import contextlib
 import json
 import os
-import re
 import sys
 import warnings
 from pathlib import Path
 
 from .config import EMBEDDED_PRESET
+from .names import safe_name
 
 
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
@@ -191,11 +191,6 @@ def _progress(quiet: bool):
         bar.refresh()
 
     return update, bar
-
-
-def safe_name(word: str) -> str:
-    """A word as a file-name part (letters, digits, - and _)."""
-    return re.sub(r"[^\w\-]+", "_", word).strip("_") or "word"
 
 
 def _has_word(alignment, word: str) -> bool:

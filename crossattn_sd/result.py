@@ -5,12 +5,14 @@ A result saves to a folder (and loads back with nothing lost):
     image.png              first image, generation parameters in its PNG text chunk ("parameters")
     image-<i>.png          further images, if any
     maps.npz               one float32 (H, W) heat map per word of the first image (per image: "<i>/<word>")
-    meta.json              prompt(s), words, dropped words, settings, model, versions, token alignment
+    meta.json              prompt(s), words, dropped words, settings, model, versions, token alignment, and the
+                           SHA-256 of attention.safetensors and the images (a bundle mixing two runs is refused)
     attention.safetensors  the raw map store (running sums per layer, per-step maps if kept)
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,9 +21,12 @@ import numpy as np
 import torch
 
 from .maps import MapStore, normalize, token_maps
+from .names import image_name
 from .tokens import PromptTokens, Word
 
 FORMAT_VERSION = 1
+MAX_IMAGES = 64  # images a saved result may hold (`generate`'s num_images_per_prompt limit)
+MAX_IMAGE_SIDE = 8192  # pixels a side (`generate`'s size limit)
 
 
 def _steps_arg(steps) -> list[int] | None:
@@ -146,7 +151,10 @@ class GenerationResult:
         }
 
     def save(self, folder: str | Path, *, word_maps: bool = True) -> Path:
-        """Write the result to `folder` (created if needed); `load_result(folder)` reads it back."""
+        """Write the result to `folder` (created if needed); `load_result(folder)` reads it back.
+
+        meta.json is written last and holds the SHA-256 of the other files, so a bundle mixing files of two runs
+        is refused on load."""
         from PIL.PngImagePlugin import PngInfo
         from safetensors.torch import save_file
 
@@ -157,7 +165,7 @@ class GenerationResult:
             info = PngInfo()
             info.add_text("parameters", parameters_text(self.settings, self.alignments[i].prompt))
             info.add_text("crossattn_sd", json.dumps({"settings": self.settings, "image_index": i}, default=str))
-            image.save(folder / ("image.png" if i == 0 else f"image-{i}.png"), pnginfo=info)
+            image.save(folder / image_name(i), pnginfo=info)
         if word_maps:
             arrays = {}
             for i in range(len(self.images)):
@@ -166,9 +174,19 @@ class GenerationResult:
                 for word, m in self.word_maps(i).items():
                     arrays[word if i == 0 else f"{i}/{word}"] = m
             np.savez_compressed(folder / "maps.npz", **arrays)
-        (folder / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
         save_file(self.store.state_dict(), str(folder / "attention.safetensors"))
+        meta["sha256"] = {name: _sha256(folder / name)
+                          for name in ("attention.safetensors", *map(image_name, range(len(self.images))))}
+        (folder / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
         return folder
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def parameters_text(settings: dict, prompt: str) -> str:
@@ -197,8 +215,131 @@ def _alignment_from_dict(d: dict) -> PromptTokens:
     )
 
 
-def load_result(folder: str | Path) -> GenerationResult:
-    """Read a result written by `GenerationResult.save` (raises `ValueError` if the folder is not one)."""
+class _Bad(ValueError):
+    """One thing wrong with a saved result (load_result adds which result)."""
+
+
+def _expect(value, kind, what: str):
+    """`value` if it has JSON type `kind` (bool is not an int here), else `_Bad` naming `what`."""
+    names = {dict: "an object", list: "a list", str: "text", int: "a whole number", bool: "true or false"}
+    ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+    if not ok:
+        raise _Bad(f"{what} is {json.dumps(value, default=str)[:40]}; expected {names[kind]}")
+    return value
+
+
+def _check_meta(meta) -> None:
+    """Refuse a meta.json whose fields have the wrong types, before anything reads them."""
+    _expect(meta, dict, "meta.json")
+    if meta.get("format") != FORMAT_VERSION:
+        raise _Bad(f"unsupported format {meta.get('format')!r}; this version reads format {FORMAT_VERSION}")
+    _expect(meta.get("settings"), dict, "settings")
+    store = _expect(meta.get("store"), dict, "store")
+    for key, kind in (("per_step", bool), ("keep_heads", bool), ("steps_dropped", bool), ("max_step_bytes", int)):
+        _expect(store.get(key), kind, f"store.{key}")
+    alignments = _expect(meta.get("alignments"), list, "alignments")
+    if not 1 <= len(alignments) <= MAX_IMAGES:
+        raise _Bad(f"alignments has {len(alignments)} entries; expected 1..{MAX_IMAGES} (one per image)")
+    for i, a in enumerate(alignments):
+        where = f"alignments[{i}]"
+        _expect(a, dict, where)
+        _expect(a.get("prompt"), str, f"{where}.prompt")
+        for key in ("tokens", "dropped_words"):
+            for j, t in enumerate(_expect(a.get(key), list, f"{where}.{key}")):
+                _expect(t, str, f"{where}.{key}[{j}]")
+        for name, indices in _expect(a.get("special_indices"), dict, f"{where}.special_indices").items():
+            for j, t in enumerate(_expect(indices, list, f"{where}.special_indices.{name}")):
+                _expect(t, int, f"{where}.special_indices.{name}[{j}]")
+        for j, w in enumerate(_expect(a.get("words"), list, f"{where}.words")):
+            _expect(w, dict, f"{where}.words[{j}]")
+            _expect(w.get("text"), str, f"{where}.words[{j}].text")
+            for key in ("start", "end"):
+                _expect(w.get(key), int, f"{where}.words[{j}].{key}")
+            for k, t in enumerate(_expect(w.get("token_indices"), list, f"{where}.words[{j}].token_indices")):
+                _expect(t, int, f"{where}.words[{j}].token_indices[{k}]")
+    sha = meta.get("sha256")
+    if sha is not None:  # absent in bundles saved before checksums were written
+        for name, digest in _expect(sha, dict, "sha256").items():
+            _expect(digest, str, f"sha256.{name}")
+
+
+def _check_tensors(tensors: dict) -> None:
+    """Refuse keys `MapStore.state_dict` does not write (and per-step indices past the recorded steps)."""
+    timesteps = tensors.get("timesteps")
+    if timesteps is None or timesteps.ndim != 1:
+        raise _Bad("attention.safetensors has no 1-D 'timesteps' tensor")
+    for key, value in tensors.items():
+        kind, _, rest = key.partition("/")
+        if kind == "step":
+            index, _, layer = rest.partition("/")
+            if not (index.isdigit() and int(index) < len(timesteps) and layer):
+                raise _Bad(f"attention.safetensors has per-step key {key[:60]!r} past its {len(timesteps)} steps")
+        elif kind == "count":
+            if value.numel() != 1:
+                raise _Bad(f"attention.safetensors' {key[:60]!r} is not one number")
+        elif kind not in ("sum", "heads", "timesteps") or (kind != "timesteps" and not rest):
+            raise _Bad(f"attention.safetensors has an unknown tensor {key[:60]!r}")
+
+
+def _check_store(store: MapStore, alignments: list[PromptTokens], size: tuple[int, int], meta: dict) -> None:
+    """Refuse maps that do not belong to these prompts and this image: tensor ranks, one token axis that every
+    token index fits, one image per alignment, and map sizes of the image's aspect (a map of h x w cells on an
+    H x W image: H / h == W / w up to the UNet's rounding)."""
+    if not store.sums:
+        return  # the default processor records no maps
+    shapes = {}
+    for layer, s in store.sums.items():
+        if s.ndim != 4:
+            raise _Bad(f"the map of layer {layer!r} has shape {tuple(s.shape)}; expected (images, h, w, tokens)")
+        shapes[layer] = tuple(s.shape)
+        h = store.head_sums.get(layer)
+        if h is not None and (h.ndim != 5 or (h.shape[0], *h.shape[2:]) != s.shape):
+            raise _Bad(f"the per-head map of layer {layer!r} has shape {tuple(h.shape)}; expected "
+                       f"({s.shape[0]}, heads, {', '.join(map(str, s.shape[1:]))})")
+        if store.counts.get(layer, 0) < 1:
+            raise _Bad(f"layer {layer!r} has no positive count of recorded calls")
+    extra = [l for l in store.head_sums if l not in store.sums] + [l for st in store.steps for l in st
+                                                                    if l not in store.sums]
+    if extra:
+        raise _Bad(f"layer {extra[0]!r} has per-head or per-step maps but no summed map")
+    for i, step in enumerate(store.steps):
+        for layer, m in step.items():
+            if tuple(m.shape) != shapes[layer]:
+                raise _Bad(f"step {i}'s map of layer {layer!r} has shape {tuple(m.shape)}; expected {shapes[layer]}")
+    images, tokens = {s[0] for s in shapes.values()}, {s[3] for s in shapes.values()}
+    if images != {len(alignments)} or len(tokens) != 1:
+        raise _Bad(f"the maps hold {sorted(images)} image(s) over {sorted(tokens)} tokens; expected "
+                   f"{len(alignments)} image(s) and one token axis")
+    (num_tokens,) = tokens
+    for i, a in enumerate(alignments):
+        used = [t for w in a.words for t in w.token_indices] + [t for v in a.special_indices.values() for t in v]
+        bad = [t for t in used if not 0 <= t < num_tokens]
+        if bad:
+            raise _Bad(f"prompt {i}'s token index {bad[0]} is outside the maps' {num_tokens} tokens")
+    recorded = {l: list(hw) for l, hw in _expect(meta["store"].get("layer_shapes", {}), dict,
+                                                   "store.layer_shapes").items()}
+    actual = {l: [s[1], s[2]] for l, s in shapes.items()}
+    if recorded and recorded != actual:
+        raise _Bad("meta.json's layer shapes differ from the maps' (the files come from different runs)")
+    height, width = size
+    for layer, (_, h, w, _) in shapes.items():
+        if not (0 < h <= height and 0 < w <= width and abs(height / h - width / w) <= max(height / h, width / w) / min(h, w)):
+            raise _Bad(f"layer {layer!r}'s {h}x{w} maps do not fit the {width}x{height} image")
+    settings = meta["settings"]
+    if (settings.get("height"), settings.get("width")) not in ((None, None), (height, width)):
+        raise _Bad(f"the image is {width}x{height} but settings say {settings.get('width')}x{settings.get('height')}")
+
+
+def load_result(folder: str | Path, *, name: str | None = None) -> GenerationResult:
+    """Read a result written by `GenerationResult.save`, checked as a whole before any use.
+
+    Args:
+        folder (`str` or `Path`): the folder `save` wrote.
+        name (`str`, *optional*): what error messages call it (default: the folder's name).
+
+    Raises:
+        ValueError: the folder is not a complete, consistent result (one line naming what is wrong).
+    """
     from PIL import Image
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -206,20 +347,39 @@ def load_result(folder: str | Path) -> GenerationResult:
     folder = Path(folder)
     try:
         meta = json.loads((folder / "meta.json").read_text())
-        if meta.get("format") != FORMAT_VERSION:
-            raise ValueError(f"unsupported format {meta.get('format')!r}")
+        _check_meta(meta)
         alignments = [_alignment_from_dict(d) for d in meta["alignments"]]
+        for name_, digest in (meta.get("sha256") or {}).items():
+            if name_ not in {"attention.safetensors", *map(image_name, range(len(alignments)))}:
+                raise _Bad(f"sha256 names {name_!r}, which is not a file of a result")
+            if _sha256(folder / name_) != digest:
+                raise _Bad(f"{name_} is not the file meta.json describes (the files come from different runs)")
         store_meta = meta["store"]
+        tensors = load_file(str(folder / "attention.safetensors"))
+        _check_tensors(tensors)
         store = MapStore.from_state_dict(
-            load_file(str(folder / "attention.safetensors")),
+            tensors,
             per_step=store_meta["per_step"], keep_heads=store_meta["keep_heads"],
             max_step_bytes=store_meta["max_step_bytes"])
         store.steps_dropped = store_meta["steps_dropped"]
         images = []
         for i in range(len(alignments)):
-            with Image.open(folder / ("image.png" if i == 0 else f"image-{i}.png")) as im:
+            with Image.open(folder / image_name(i)) as im:
+                if max(im.size) > MAX_IMAGE_SIDE:
+                    raise _Bad(f"{image_name(i)} is {im.width}x{im.height}; the limit is {MAX_IMAGE_SIDE} a side")
                 images.append(im.convert("RGB"))
+        if len({im.size for im in images}) != 1:
+            raise _Bad("the images differ in size")
+        _check_store(store, alignments, (images[0].height, images[0].width), meta)
     except (OSError, KeyError, TypeError, json.JSONDecodeError, ValueError, SafetensorError) as err:
-        raise ValueError(f"{str(folder)!r} is not a readable crossattn-sd result ({type(err).__name__}: {err}); "
-                         "expected meta.json, attention.safetensors and image.png written by result.save()") from err
+        why = str(err) if isinstance(err, _Bad) else f"{type(err).__name__}: {_without_paths(err)}"
+        raise ValueError(f"{name or folder.name} is not a readable crossattn-sd result ({why}); expected meta.json, "
+                         "attention.safetensors and image.png written by result.save()") from err
     return GenerationResult(images=images, alignments=alignments, store=store, settings=meta["settings"])
+
+
+def _without_paths(err: Exception) -> str:
+    """An error's message without file paths (an OSError names the server's folder; say only the file)."""
+    if isinstance(err, OSError) and err.filename:
+        return f"{err.strerror or 'cannot read'}: {Path(err.filename).name}"
+    return str(err)

@@ -2,8 +2,17 @@
 
 The only module that imports Gradio. The work is done by `service.AttentionService`; `Handlers` only turns
 component values into the service's arguments and its results into component values, and turns the service's
-`ValueError`s into `gr.Error` messages. Generation (the shared pipeline) runs one at a time through the queue;
-inspection reads the session's stored maps and runs concurrently.
+`ValueError`s into `gr.Error` messages. Generation (the shared pipeline) runs one at a time (the queue's
+"pipeline" slot, and the service's own lock); inspection reads the session's stored maps and runs concurrently.
+
+How a stop reaches a running generation: the Stop button sets the session's stop flag (`service.stop`). A
+client's cancel (gradio_client's `job.cancel()`, POST /gradio_api/cancel) makes Gradio cancel the event's
+asyncio task; a sync handler's worker thread would run on (Gradio cannot stop a thread) while Gradio frees the
+queue slot. So the generation handlers are async: they run the service in a thread, and a cancel sets that
+run's flag and waits for the thread to end (one step) before the task ends and Gradio frees the slot. A closed
+tab or a lost client ends the session's heartbeat, and Gradio runs the `unload` event, which stops the
+session's run. (`gr.Request.is_disconnected()` cannot tell: in a queued event its request is the finished
+POST that joined the queue, so it is always True.)
 
     python app.py                      # or: crossattn-sd serve
     from gradio_client import Client   # API: /generate, /heatmap, /compare (see the README)
@@ -11,17 +20,26 @@ inspection reads the session's stored maps and runs concurrently.
 
 # No `from __future__ import annotations` here: Gradio reads a handler's return annotation unevaluated, and
 # the /heatmap API documents its file output only if `FileData` is a class, not a string.
+import asyncio
 import functools
 import html
+import inspect
+import signal
+import threading
 from collections.abc import Callable
+from pathlib import Path
 
 import gradio as gr
 from gradio.data_classes import FileData
 
+from .bundles import MAX_BUNDLE_BYTES
 from .service import MAX_SEED, AttentionService, Comparison, Entry, GenerateRequest
 
 QUEUE_SIZE = 32  # requests waiting beyond this are refused ("queue full") rather than piling up
 INSPECT_CONCURRENCY = 4  # inspection handlers running at once; generation always runs one at a time
+MAX_UPLOAD_BYTES = MAX_BUNDLE_BYTES  # Gradio refuses larger uploads before they reach a handler
+NOT_UPLOADED = ("the bundle must be a .zip uploaded to this server (gradio_client: handle_file(path); the raw "
+                "API: POST /gradio_api/upload, then pass the FileData it returns); a server path is not read")
 THEME = gr.themes.Soft(primary_hue="indigo", neutral_hue="slate",
                        font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
 CSS = """
@@ -42,8 +60,9 @@ GENERATE_HELP = {
 
 def _naming_range_errors(component: gr.components.Component) -> gr.components.Component:
     """`component`, whose out-of-range error names the input: Gradio's own check says only "Value 0 is less than
-    minimum value 1". Wraps the instance's `preprocess` (Gradio calls it on the instance): a subclass would make
-    Gradio's component metaclass write a `ui.pyi` stub next to this module at import."""
+    minimum value 1", and a value that is not a number ("abc", NaN) would be a generic error. Wraps the
+    instance's `preprocess` (Gradio calls it on the instance): a subclass would make Gradio's component
+    metaclass write a `ui.pyi` stub next to this module at import."""
     preprocess = component.preprocess
 
     def named(payload):
@@ -51,6 +70,9 @@ def _naming_range_errors(component: gr.components.Component) -> gr.components.Co
             return preprocess(payload)
         except gr.Error as err:
             raise gr.Error(f"{component.label}: {err.message}", print_exception=False) from None
+        except (ValueError, TypeError, OverflowError):
+            raise gr.Error(f"{component.label}: {str(payload)[:40]!r} is not a number", print_exception=False) \
+                from None
 
     component.preprocess = named
     return component
@@ -64,23 +86,48 @@ def Number(*args, **kwargs) -> gr.Number:  # noqa: N802
     return _naming_range_errors(gr.Number(*args, **kwargs))
 
 
+def _user_error(err: Exception):
+    """What a handler returns (or raises) for an exception: bad input becomes a Gradio error message; a stopped
+    generation is not an error: it leaves every output as it was (an error would cover the previous images)
+    and says so."""
+    if isinstance(err, (ValueError, PermissionError, FileNotFoundError)):
+        raise gr.Error(str(err), print_exception=False) from err
+    from .pipeline import GenerationCancelled  # torch is loaded by now; not at import
+
+    if isinstance(err, GenerationCancelled):
+        gr.Warning("Stopped. Your previous results are kept.", title="Stopped")
+        return gr.skip()  # one skip() leaves all of the event's outputs alone
+    raise err
+
+
 def _user_errors(fn: Callable) -> Callable:
-    """Show the service's ValueErrors (bad input) as Gradio error messages. A stopped generation is not an
-    error: it leaves every output as it was (an error would cover the previous images) and says so."""
+    """Show the service's ValueErrors (bad input) as Gradio error messages; see `_user_error`."""
+    if inspect.iscoroutinefunction(fn):
+        @functools.wraps(fn)
+        async def async_wrapper(*args, **kwargs):
+            try:
+                return await fn(*args, **kwargs)
+            except (ValueError, PermissionError, FileNotFoundError, RuntimeError) as err:
+                return _user_error(err)
+        return async_wrapper
+
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (ValueError, PermissionError, FileNotFoundError) as err:
-            raise gr.Error(str(err), print_exception=False) from err
-        except RuntimeError as err:
-            from .pipeline import GenerationCancelled  # torch is loaded by now; not at import
-
-            if isinstance(err, GenerationCancelled):
-                gr.Warning("Stopped. Your previous results are kept.", title="Stopped")
-                return gr.skip()  # one skip() leaves all of the event's outputs alone
-            raise
+        except (ValueError, PermissionError, FileNotFoundError, RuntimeError) as err:
+            return _user_error(err)
     return wrapper
+
+
+async def _until_done(future: asyncio.Future) -> None:
+    """Wait for `future` whatever cancels the waiting task meanwhile (its thread cannot be stopped, only told
+    to stop); its own outcome is left for its caller."""
+    while not future.done():
+        try:
+            await asyncio.wait([future])
+        except asyncio.CancelledError:
+            pass
 
 
 def _session(request: gr.Request | None) -> str:
@@ -110,6 +157,25 @@ class Handlers:
         """Stop the session's run after its current step (the run itself then says "Stopped")."""
         self.service.stop(_session(request))
 
+    def closed(self, request: gr.Request):
+        """The session's tab was closed or its client went away (Gradio's unload event): stop its run."""
+        self.service.stop(_session(request))
+
+    async def _run(self, session: str, work: Callable[[threading.Event], object]):
+        """`work(flag)` in a worker thread. If Gradio cancels this event (a client's cancel), set the run's stop
+        flag and return only once the thread has ended, so Gradio frees the queue slot after the run really
+        stopped; the service's lock would hold the next generation back anyway."""
+        flag = self.service.run_flag(session)
+        future = asyncio.ensure_future(asyncio.to_thread(work, flag))
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            flag.set()
+            await _until_done(future)
+            if not future.cancelled():
+                future.exception()  # the run's own end (GenerationCancelled) is expected: nobody awaits it
+            raise
+
     @staticmethod
     def request(prompt, negative_prompt, seed, steps, guidance, width, height, scheduler, mode, processor, weights,
                 edit_prompt, inject, per_step, processor_layers) -> GenerateRequest:
@@ -120,7 +186,7 @@ class Handlers:
                                processor_layers=processor_layers or "*")
 
     @_user_errors
-    def generate(self, prompt: str, negative_prompt: str = "", seed: int = 0, steps: int | None = None,
+    async def generate(self, prompt: str, negative_prompt: str = "", seed: int = 0, steps: int | None = None,
                  guidance: float | None = None, width: int | None = None, height: int | None = None,
                  scheduler: str = "default", mode: str = "exact", processor: str = "capture", weights: str = "",
                  edit_prompt: str = "", inject: float = 0.8, per_step: bool | None = None,
@@ -135,18 +201,22 @@ class Handlers:
         note = self.service.vocabulary_note(req)
         if note:  # shown at once, while the run goes on: the user may want to see what such words do
             gr.Warning(note[0].upper() + note[1:] + ".", title="Unknown words")
-        entry = self.service.generate(req, session=_session(request), progress=_progress(progress))
+        session = _session(request)
+        entry = await self._run(session, lambda flag: self.service.generate(
+            req, session=session, progress=_progress(progress), cancel=flag))
         history = self.service.add_to_history(history, entry)
         return entry.image, entry.prompt_words, str(entry.bundle), entry, history
 
     @_user_errors
-    def compare(self, prompt, negative_prompt, seed, steps, guidance, width, height, scheduler, mode, processor,
+    async def compare(self, prompt, negative_prompt, seed, steps, guidance, width, height, scheduler, mode, processor,
                 weights, edit_prompt, inject, per_step, processor_layers="*", baseline: str = "capture", history=None,
                 request: gr.Request = None, progress=gr.Progress()):
         """The same prompt and seed with a baseline processor (A) and the chosen processor (B)."""
         req = self.request(prompt, negative_prompt, seed, steps, guidance, width, height, scheduler, mode,
                            processor, weights, edit_prompt, inject, per_step, processor_layers)
-        cmp = self.service.compare(req, baseline, session=_session(request), progress=_progress(progress))
+        session = _session(request)
+        cmp = await self._run(session, lambda flag: self.service.compare(
+            req, baseline, session=session, progress=_progress(progress), cancel=flag))
         history = self.service.add_to_history(history, cmp.a, cmp.b)
         words = self.service.choices(cmp.b).words
         word = self.service.choices(cmp.b).default_word
@@ -155,9 +225,10 @@ class Handlers:
 
     # -- showing an entry ------------------------------------------------------------------------------------
 
-    @staticmethod
-    def gallery(history):
-        return [(str(e.image_path), e.caption) for e in history or []]
+    def gallery(self, history):
+        """The session's images, from the work folder (Gradio serves files only from folders it allows; the
+        outputs folder may be anywhere)."""
+        return [(str(self.service.files(e).image_path), e.caption) for e in history or []]
 
     def show(self, entry: Entry | None, history, shown: str | None):
         """Fill the word chips and filters with what the entry recorded (unless it is already on show: a
@@ -186,7 +257,7 @@ class Handlers:
     @_user_errors
     def pick(self, history, evt: gr.SelectData):
         """A click on the session gallery makes that entry current."""
-        entry = history[evt.index]
+        entry = self.service.files(history[evt.index])
         return entry, entry.image, str(entry.bundle)
 
     @_user_errors
@@ -245,9 +316,29 @@ class Handlers:
         both "": the model's default view (the embedded model: its 16x16 layers); step_from/step_to: 0-based,
         inclusive (-1: last); head: one attention head (-1: mean of heads).
         """
-        path = bundle["path"] if isinstance(bundle, dict) else getattr(bundle, "path", bundle)
         filters = self.service.filters(layers, resolutions, step_from, step_to, head, alpha, cmap)
-        return FileData(path=str(self.service.heatmap_file(path, word, filters)))
+        return FileData(path=str(self.service.heatmap_file(uploaded_file(bundle), word, filters)))
+
+
+def uploaded_file(payload) -> Path:
+    """The path of a file the client uploaded, from an API payload; ValueError for anything else.
+
+    gr.api hands the handler its raw payload. Gradio checks and copies a file only when the payload is a
+    FileData (a dict whose meta says "gradio.FileData"): its path must be in Gradio's upload folder (an
+    upload, or a file this server sent) and Gradio moves it into the endpoint's cache. A plain string or a
+    dict without that meta would reach the handler unchecked, so only a checked FileData is accepted, and its
+    path must lie in the upload folder. The message is the same whatever the path names (no probing)."""
+    from gradio.utils import get_upload_folder, is_in_or_equal
+
+    if isinstance(payload, FileData):
+        payload = payload.model_dump()
+    if not (isinstance(payload, dict) and isinstance(payload.get("meta"), dict)
+            and payload["meta"].get("_type") == "gradio.FileData" and isinstance(payload.get("path"), str)):
+        raise ValueError(NOT_UPLOADED)
+    path = Path(payload["path"])
+    if not (path.is_absolute() and is_in_or_equal(path, get_upload_folder())):
+        raise ValueError(NOT_UPLOADED)
+    return path
 
 
 def processor_options(processor: str):
@@ -428,6 +519,7 @@ def build_demo(service: AttentionService) -> gr.Blocks:
               compare_maps_out, trigger_mode="always_last", show_progress="minimal", **private)
 
         gr.api(h.heatmap, api_name="heatmap")
+        demo.unload(h.closed)
     return demo
 
 
@@ -442,16 +534,35 @@ def parse_auth(auth: str | None) -> tuple[str, str] | None:
 
 
 def launch(demo: gr.Blocks, **kwargs):
-    """Queue and launch a demo with this app's queue limits, theme and CSS (kwargs go to `Blocks.launch`)."""
+    """Queue and launch a demo with this app's queue limits, upload limit, theme and CSS (kwargs go to
+    `Blocks.launch`)."""
     demo.queue(max_size=QUEUE_SIZE, default_concurrency_limit=INSPECT_CONCURRENCY)
+    kwargs.setdefault("max_file_size", MAX_UPLOAD_BYTES)
     return demo.launch(theme=THEME, css=CSS, **kwargs)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def serve(host: str = "127.0.0.1", port: int = 7860, model: str | None = None, share: bool = False,
           auth: str | None = None, outputs: str | None = "outputs", allow_any_model: bool = False,
-          device: str | None = None, dtype: str | None = None, offload: bool = False) -> int:
-    """Run the web UI until interrupted (what `crossattn-sd serve` and `python app.py` call)."""
-    service = AttentionService.from_model(model, allow_any_model=allow_any_model, outputs=outputs or None,
-                                          device=device, dtype=dtype, offload=offload)
-    launch(build_demo(service), server_name=host, server_port=port, share=share, auth=parse_auth(auth))
+          device: str | None = None, dtype: str | None = None, offload: bool = False,
+          service: AttentionService | None = None) -> int:
+    """Run the web UI until interrupted (what `crossattn-sd serve` and `python app.py` call); `service`: one
+    already built (then the model options are not used)."""
+    if service is None:
+        service = AttentionService.from_model(model, allow_any_model=allow_any_model, outputs=outputs or None,
+                                              device=device, dtype=dtype, offload=offload)
+    # SIGTERM (systemd, docker stop, kill) shuts down like Ctrl-C: Gradio closes the server, and the work folder
+    # is removed at exit (Python's default SIGTERM ends the process without running any cleanup).
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)
+    demo = build_demo(service)
+    try:
+        launch(demo, server_name=host, server_port=port, share=share, auth=parse_auth(auth))
+    except KeyboardInterrupt:  # before `launch` blocks (from then on Gradio catches it and closes the server)
+        demo.close()
+    finally:
+        service.work.remove()
     return 0
