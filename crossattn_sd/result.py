@@ -274,7 +274,7 @@ def _check_tensors(tensors: dict) -> None:
             index, _, layer = rest.partition("/")
             if not (index.isdigit() and int(index) < len(timesteps) and layer):
                 raise _Bad(f"attention.safetensors has per-step key {key[:60]!r} past its {len(timesteps)} steps")
-        elif kind == "count":
+        elif kind in ("count", "order"):  # order: the layers' recording order (safetensors sorts keys)
             if value.numel() != 1:
                 raise _Bad(f"attention.safetensors' {key[:60]!r} is not one number")
         elif kind not in ("sum", "heads", "timesteps") or (kind != "timesteps" and not rest):
