@@ -412,6 +412,35 @@ def export(folder: Path, vae, ema_text_encoder, tokenizer, ema_unet) -> None:
 
 # ----------------------------------------------------------------------------- main
 
+def bad_value(args, limits: dict[str, float]) -> str | None:
+    """An error message for the first flag in `limits` (name -> upper bound) outside [0, bound] (NaN too)."""
+    for name, top in limits.items():
+        value = getattr(args, name)
+        if not (0 <= value <= top and math.isfinite(value)):
+            wanted = "a fraction from 0 to 1" if top == 1.0 else "a weight >= 0"
+            return f"--{name.replace('_', '-')} {value}: give {wanted}"
+    return None
+
+
+def run_folder(args, must_match: tuple[str, ...]) -> tuple[Path, Path, Path, dict | None]:
+    """(run folder (created), export folder, checkpoint path, the checkpoint with --resume else None). Raises
+    ValueError when --resume finds no checkpoint or one made with other `must_match` flags."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    export_dir = Path(args.export) if args.export else out / "pipeline"
+    ckpt_path = out / CHECKPOINT
+    if not args.resume:
+        return out, export_dir, ckpt_path, None
+    if not ckpt_path.exists():
+        raise ValueError(f"--resume: no checkpoint at {ckpt_path}")
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    for key in must_match:
+        if ckpt["args"][key] != getattr(args, key):
+            raise ValueError(f"--resume: --{key.replace('_', '-')} {getattr(args, key)} differs from the "
+                             f"checkpoint's {ckpt['args'][key]}")
+    return out, export_dir, ckpt_path, ckpt
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     pick = argparse.ArgumentParser(add_help=False)
@@ -421,32 +450,18 @@ def main(argv: list[str] | None = None) -> int:
 
         return train_mmdit(argv)
     args = build_parser().parse_args(argv)
-    for name, top in (("context_dropout", 1.0), ("prefix_dropout", 1.0), ("caption_dropout", 1.0),
-                      ("grounding", math.inf)):
-        value = getattr(args, name)
-        if not (0 <= value <= top and math.isfinite(value)):  # NaN fails too
-            wanted = "a fraction from 0 to 1" if top == 1.0 else "a weight >= 0"
-            print(f"--{name.replace('_', '-')} {value}: give {wanted}", file=sys.stderr)
-            return 2
-    if args.init_from is not None and args.resume:
-        print("--init-from starts a new run and --resume continues one: give only one of them", file=sys.stderr)
+    error = bad_value(args, dict(context_dropout=1.0, prefix_dropout=1.0, caption_dropout=1.0, grounding=math.inf))
+    if error is None and args.init_from is not None and args.resume:
+        error = "--init-from starts a new run and --resume continues one: give only one of them"
+    if error is not None:
+        print(error, file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    export_dir = Path(args.export) if args.export else out / "pipeline"
-    ckpt_path = out / CHECKPOINT
-    ckpt = None
-    if args.resume:
-        if not ckpt_path.exists():
-            print(f"--resume: no checkpoint at {ckpt_path}", file=sys.stderr)
-            return 2
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        for key in ("seed", "pool_size", "p_two"):
-            if ckpt["args"][key] != getattr(args, key):
-                print(f"--resume: --{key.replace('_', '-')} {getattr(args, key)} differs from the "
-                      f"checkpoint's {ckpt['args'][key]}", file=sys.stderr)
-                return 2
+    try:
+        out, export_dir, ckpt_path, ckpt = run_folder(args, ("seed", "pool_size", "p_two"))
+    except ValueError as e:
+        print(e, file=sys.stderr)
+        return 2
 
     torch.manual_seed(args.seed)  # model initialisation
     tokenizer = build.build_tokenizer()

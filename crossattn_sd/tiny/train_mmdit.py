@@ -21,14 +21,13 @@ import argparse
 import copy
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from ..cli import HelpFormatter
 from . import build, build_mmdit
-from .train import CHECKPOINT, Pool, dropout_cuts, ema_update, lr_lambda, save_checkpoint
+from .train import Pool, bad_value, dropout_cuts, ema_update, lr_lambda, run_folder, save_checkpoint
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,20 +45,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the (trained) VAE folder whose latents the model learns; default: the shipped one")
     p.add_argument("--seed", type=int, default=0, help="seed for data, init and noise")
     p.add_argument("--batch-size", type=int, default=32, help="batch size")
-    p.add_argument("--lr", type=float, default=5e-4, help="peak learning rate")
-    p.add_argument("--warmup", type=int, default=200, help="linear LR warm-up steps")
-    p.add_argument("--ema", type=float, default=0.999, help="EMA decay (ramped up from ~0.9 over the first steps)")
+    p.add_argument("--lr", type=float, default=8e-4, help="peak learning rate")
+    p.add_argument("--warmup", type=int, default=150, help="linear LR warm-up steps")
+    p.add_argument("--ema", type=float, default=0.998, help="EMA decay (ramped up from ~0.9 over the first steps)")
     p.add_argument("--p-two", type=float, default=0.7, help="probability of a two-object scene")
     p.add_argument("--caption-dropout", type=float, default=0.1, help="fraction of captions replaced by \"\"")
     p.add_argument("--context-dropout", type=float, default=0.5,
                    help="fraction of captions whose end-of-text and padding states (and pooled embedding) are "
                         "replaced by the empty prompt's, so the transformer reads the words")
-    p.add_argument("--prefix-dropout", type=float, default=0.25,
+    p.add_argument("--prefix-dropout", type=float, default=0.2,
                    help="fraction of captions cut after a random word (later states and the pooled embedding "
                         "replaced by the empty prompt's), so each word's own state is read")
     p.add_argument("--logit-mean", type=float, default=0.0, help="mean of the logit-normal timestep density")
     p.add_argument("--logit-std", type=float, default=1.0, help="std of the logit-normal timestep density")
-    p.add_argument("--pool-size", type=int, default=50000,
+    p.add_argument("--pool-size", type=int, default=16000,
                    help="number of pre-encoded training scenes (small values for smoke tests)")
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     p.add_argument("--checkpoint-minutes", type=float, default=5.0,
@@ -113,27 +112,16 @@ def flow_loss(transformer, embeds, pooled, latents, sigmas, noise) -> torch.Tens
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    for name in ("context_dropout", "prefix_dropout", "caption_dropout"):
-        value = getattr(args, name)
-        if not 0 <= value <= 1:  # NaN fails too
-            print(f"--{name.replace('_', '-')} {value}: give a fraction from 0 to 1", file=sys.stderr)
-            return 2
+    error = bad_value(args, dict(context_dropout=1.0, prefix_dropout=1.0, caption_dropout=1.0))
+    if error is not None:
+        print(error, file=sys.stderr)
+        return 2
     torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    export_dir = Path(args.export) if args.export else out / "pipeline"
-    ckpt_path = out / CHECKPOINT
-    ckpt = None
-    if args.resume:
-        if not ckpt_path.exists():
-            print(f"--resume: no checkpoint at {ckpt_path}", file=sys.stderr)
-            return 2
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        for key in ("seed", "pool_size", "p_two", "arch"):
-            if ckpt["args"][key] != getattr(args, key):
-                print(f"--resume: --{key.replace('_', '-')} {getattr(args, key)} differs from the "
-                      f"checkpoint's {ckpt['args'][key]}", file=sys.stderr)
-                return 2
+    try:
+        _, export_dir, ckpt_path, ckpt = run_folder(args, ("seed", "pool_size", "p_two", "arch"))
+    except ValueError as e:
+        print(e, file=sys.stderr)
+        return 2
 
     torch.manual_seed(args.seed)
     tokenizer = build.build_tokenizer()
