@@ -13,6 +13,8 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 EMBEDDED_MODEL_DIR = PACKAGE_DIR / "tiny" / "weights"
 CONFIG_DIR = PACKAGE_DIR / "configs"  # package data: a wheel installs it with the code
 EMBEDDED = "embedded"
+PACKAGE_SOURCE = "package:"  # a preset source "package:tiny/weights-mmdit" is that folder of the installed package
+FAMILIES = ("sd", "sdxl", "sd3")  # ModelPreset.family
 MAP_LAYERS = ("all", "finest")  # ModelPreset.map_layers
 
 
@@ -22,14 +24,17 @@ class ModelPreset:
 
     Args:
         name: the preset's name, as given to `--model`.
-        source: "embedded" (the model shipped in the package), a local folder, or a Hub id.
-        family: "sd" (SD 1.x / 2.x) or "sdxl"; chooses the Diffusers pipeline class.
+        source: "embedded" (the model shipped in the package), "package:FOLDER" (another pipeline folder shipped
+            in the package, relative to it), a local folder, or a Hub id.
+        family: "sd" (SD 1.x / 2.x), "sdxl" or "sd3"; chooses the Diffusers pipeline class.
         steps, guidance, height, width: generation defaults for this model.
         max_side: the largest height or width the UI offers (the model's training size bounds it).
         scheduler: default scheduler name (see `pipeline.SCHEDULERS`); None keeps the model's own.
         map_layers: which layers a heat map averages when none are asked for: "all" (every cross-attention
             layer, as DAAM does), or "finest" (only the layers with the largest maps; chosen for a model where
             they were measured to localise words best, as for the embedded one).
+        max_sequence_length: for SD3 pipelines, the `max_sequence_length` to call them with (the number of T5
+            tokens; a model without T5 gets that many zero tokens); None: the pipeline's default.
         examples: example prompts shown in the UI.
         description: one line for `--help` and the UI.
     """
@@ -44,12 +49,14 @@ class ModelPreset:
     max_side: int = 1024
     scheduler: str | None = None
     map_layers: str = "all"
+    max_sequence_length: int | None = None
     examples: tuple[str, ...] = ()
     description: str = ""
 
     def __post_init__(self):
-        if self.family not in ("sd", "sdxl"):
-            raise ValueError(f"preset {self.name!r}: family must be 'sd' or 'sdxl', got {self.family!r}")
+        if self.family not in FAMILIES:
+            raise ValueError(f"preset {self.name!r}: family must be one of {', '.join(FAMILIES)}, "
+                             f"got {self.family!r}")
         if self.map_layers not in MAP_LAYERS:
             raise ValueError(f"preset {self.name!r}: map_layers must be one of {', '.join(MAP_LAYERS)}, "
                              f"got {self.map_layers!r}")

@@ -8,6 +8,7 @@ the images, the prompt's word alignment and the recorded maps.
 from __future__ import annotations
 
 import inspect
+import json
 import math
 import threading
 import warnings
@@ -16,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from .config import EMBEDDED, EMBEDDED_MODEL_DIR, EMBEDDED_PRESET, MAP_LAYERS, GenerationDefaults, load_presets
+from .config import (EMBEDDED, EMBEDDED_MODEL_DIR, EMBEDDED_PRESET, MAP_LAYERS, PACKAGE_DIR, PACKAGE_SOURCE,
+                     GenerationDefaults, load_presets)
 from .maps import DEFAULT_MAX_STEP_BYTES
 from .processors import MODES
 from .result import GenerationResult
@@ -83,12 +85,13 @@ def load_pipeline(model: str | None = None, *, device: str | None = None, dtype:
         name = preset.source
     elif name == EMBEDDED:
         preset = EMBEDDED_PRESET
-    if name == EMBEDDED:
-        source = EMBEDDED_MODEL_DIR
+    packaged = name == EMBEDDED or name.startswith(PACKAGE_SOURCE)
+    if packaged:
+        source = EMBEDDED_MODEL_DIR if name == EMBEDDED else PACKAGE_DIR / name[len(PACKAGE_SOURCE):]
         if not (source / "model_index.json").is_file():
             raise FileNotFoundError(
-                f"the embedded model is missing from this install ({source}); reinstall crossattn-sd, or train it "
-                "with `crossattn-sd train-tiny --out runs/tiny` and copy runs/tiny/pipeline there"
+                f"the embedded model {name!r} is missing from this install ({source}); reinstall crossattn-sd, or "
+                "train it with `crossattn-sd train-tiny` (README: The embedded model) and ship the export there"
             )
     elif _looks_like_path(name):
         source = Path(name).expanduser()
@@ -108,9 +111,9 @@ def load_pipeline(model: str | None = None, *, device: str | None = None, dtype:
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     if dtype is None:
-        dtype = torch.float16 if device == "cuda" and name != EMBEDDED else torch.float32
-    try:
-        pipe = DiffusionPipeline.from_pretrained(source, dtype=dtype)  # `torch_dtype` is deprecated in 0.42
+        dtype = torch.float16 if device == "cuda" and not packaged else torch.float32
+    try:  # (`torch_dtype` is deprecated in 0.42)
+        pipe = DiffusionPipeline.from_pretrained(source, dtype=dtype, **_absent_components(source))
     except OSError as err:
         if isinstance(source, str):
             raise OSError(
@@ -119,7 +122,7 @@ def load_pipeline(model: str | None = None, *, device: str | None = None, dtype:
                 f"{source}` (or load it once), then work offline with HF_HUB_OFFLINE=1; or pass a local folder."
             ) from err
         raise
-    if not hasattr(pipe, "unet"):
+    if not hasattr(pipe, "unet") and not (preset is not None and preset.family == "sd3"):
         raise ValueError(f"{name!r} is a {type(pipe).__name__}, which has no UNet; crossattn-sd supports UNet "
                          "text-to-image pipelines (SD 1.x, 2.x, SDXL)")
     if offload:
@@ -130,6 +133,16 @@ def load_pipeline(model: str | None = None, *, device: str | None = None, dtype:
     pipe.crossattn_defaults = GenerationDefaults.from_preset(preset) if preset else GenerationDefaults()
     pipe.crossattn_source = "embedded" if name == EMBEDDED else str(source)
     return pipe
+
+
+def _absent_components(source) -> dict:
+    """Components a local pipeline folder was saved without (null in its model_index.json, e.g. an SD3 pipeline
+    without T5): Diffusers loads such a folder only when they are passed as None."""
+    index = Path(source) / "model_index.json"
+    if not index.is_file():
+        return {}
+    entries = json.loads(index.read_text())
+    return {k: None for k, v in entries.items() if isinstance(v, list) and len(v) == 2 and v[0] is None}
 
 
 def size_multiple(pipe) -> int:
