@@ -128,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--allow-any-model", action="store_true",
                        help="let --model be any local folder or Hub id, not only a preset")
 
-    train = sub.add_parser("train-tiny", help="train the embedded shapes-world model", add_help=False)
+    train = sub.add_parser("train-tiny", help="train an embedded shapes-world model (--model unet or mmdit)",
+                           add_help=False)
     train.add_argument("args", nargs=argparse.REMAINDER, help="see `crossattn-sd train-tiny --help`")
     ev = sub.add_parser("eval-tiny", help="evaluate the embedded model on held-out captions", add_help=False)
     ev.add_argument("args", nargs=argparse.REMAINDER, help="see `crossattn-sd eval-tiny --help`")

@@ -13,6 +13,7 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 EMBEDDED_MODEL_DIR = PACKAGE_DIR / "tiny" / "weights"
 CONFIG_DIR = PACKAGE_DIR / "configs"  # package data: a wheel installs it with the code
 EMBEDDED = "embedded"
+PACKAGE_SOURCE = "package:"  # a preset source "package:tiny/weights-mmdit" is that folder of the installed package
 MAP_LAYERS = ("all", "finest")  # ModelPreset.map_layers
 PRESET_FAMILIES = ("sd", "sdxl", "sd3", "flux")  # ModelPreset.family
 
@@ -23,7 +24,8 @@ class ModelPreset:
 
     Args:
         name: the preset's name, as given to `--model`.
-        source: "embedded" (the model shipped in the package), a local folder, or a Hub id.
+        source: "embedded" (the model shipped in the package), "package:FOLDER" (another pipeline folder shipped
+            in the package, relative to it), a local folder, or a Hub id.
         family: one of `PRESET_FAMILIES`: "sd" (SD 1.x / 2.x), "sdxl", "sd3" (SD3 / SD3.5) or "flux" (FLUX.1);
             informative (the pipeline class comes from the model's own `model_index.json`).
         steps, guidance, height, width: generation defaults for this model.
@@ -32,6 +34,8 @@ class ModelPreset:
         map_layers: which layers a heat map averages when none are asked for: "all" (every cross-attention
             layer, as DAAM does), or "finest" (only the layers with the largest maps; chosen for a model where
             they were measured to localise words best, as for the embedded one).
+        max_sequence_length: for SD3 pipelines, the `max_sequence_length` to call them with (the number of T5
+            tokens; a model without T5 gets that many zero tokens); None: the pipeline's default.
         examples: example prompts shown in the UI.
         description: one line for `--help` and the UI.
         vocabulary: the words a closed-vocabulary model was trained on (the embedded models); a prompt's other
@@ -48,6 +52,7 @@ class ModelPreset:
     max_side: int = 1024
     scheduler: str | None = None
     map_layers: str = "all"
+    max_sequence_length: int | None = None
     examples: tuple[str, ...] = ()
     description: str = ""
     vocabulary: tuple[str, ...] = ()
@@ -112,8 +117,9 @@ class GenerationDefaults:
     examples: tuple[str, ...] = field(default_factory=tuple)
     map_layers: str = "all"  # see ModelPreset
     vocabulary: tuple[str, ...] = field(default_factory=tuple)  # see ModelPreset
+    max_sequence_length: int | None = None  # see ModelPreset
 
     @classmethod
     def from_preset(cls, preset: ModelPreset) -> "GenerationDefaults":
         return cls(preset.steps, preset.guidance, preset.height, preset.width, preset.examples, preset.map_layers,
-                   preset.vocabulary)
+                   preset.vocabulary, preset.max_sequence_length)

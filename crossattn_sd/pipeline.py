@@ -8,6 +8,7 @@ the images, the prompt's word alignment and the recorded maps.
 from __future__ import annotations
 
 import inspect
+import json
 import math
 import threading
 import warnings
@@ -16,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from .config import EMBEDDED, EMBEDDED_MODEL_DIR, EMBEDDED_PRESET, MAP_LAYERS, GenerationDefaults, load_presets
+from .config import (EMBEDDED, EMBEDDED_MODEL_DIR, EMBEDDED_PRESET, MAP_LAYERS, PACKAGE_DIR, PACKAGE_SOURCE,
+                     GenerationDefaults, load_presets)
 from .families import family_of
 from .maps import DEFAULT_MAX_STEP_BYTES
 from .processors import MODES
@@ -84,12 +86,13 @@ def load_pipeline(model: str | None = None, *, device: str | None = None, dtype:
         name = preset.source
     elif name == EMBEDDED:
         preset = presets[EMBEDDED_PRESET.name]  # configs/tiny.yaml
-    if name == EMBEDDED:
-        source = EMBEDDED_MODEL_DIR
+    packaged = name == EMBEDDED or name.startswith(PACKAGE_SOURCE)
+    if packaged:
+        source = EMBEDDED_MODEL_DIR if name == EMBEDDED else PACKAGE_DIR / name[len(PACKAGE_SOURCE):]
         if not (source / "model_index.json").is_file():
             raise FileNotFoundError(
-                f"the embedded model is missing from this install ({source}); reinstall crossattn-sd, or train it "
-                "with `crossattn-sd train-tiny --out runs/tiny` and copy runs/tiny/pipeline there"
+                f"the embedded model {name!r} is missing from this install ({source}); reinstall crossattn-sd, or "
+                "train it with `crossattn-sd train-tiny` (README: The embedded model) and ship the export there"
             )
     elif _looks_like_path(name):
         source = Path(name).expanduser()
@@ -109,9 +112,9 @@ def load_pipeline(model: str | None = None, *, device: str | None = None, dtype:
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     if dtype is None:
-        dtype = torch.float16 if device == "cuda" and name != EMBEDDED else torch.float32
-    try:
-        pipe = DiffusionPipeline.from_pretrained(source, dtype=dtype)  # `torch_dtype` is deprecated in 0.42
+        dtype = torch.float16 if device == "cuda" and not packaged else torch.float32
+    try:  # (`torch_dtype` is deprecated in 0.42)
+        pipe = DiffusionPipeline.from_pretrained(source, dtype=dtype, **_absent_components(source))
     except OSError as err:
         if isinstance(source, str):
             raise OSError(
@@ -137,6 +140,16 @@ def load_pipeline(model: str | None = None, *, device: str | None = None, dtype:
 def native_size(pipe) -> int:
     """The image side the model was made for: its denoiser's `sample_size` times the VAE factor."""
     return family_of(pipe).native_latent_size() * int(getattr(pipe, "vae_scale_factor", 8))
+
+
+def _absent_components(source) -> dict:
+    """Components a local pipeline folder was saved without (null in its model_index.json, e.g. an SD3 pipeline
+    without T5): Diffusers loads such a folder only when they are passed as None."""
+    index = Path(source) / "model_index.json"
+    if not index.is_file():
+        return {}
+    entries = json.loads(index.read_text())
+    return {k: None for k, v in entries.items() if isinstance(v, list) and len(v) == 2 and v[0] is None}
 
 
 def size_multiple(pipe) -> int:
@@ -233,7 +246,7 @@ def generate(
             largest map size); default from the model's preset.
         text_part (`str`, *optional*): which encoder's text positions the words index where a model has
             several in one sequence (SD3: "t5" when the pipeline has T5, else "clip"); default the first.
-        max_sequence_length (`int`, *optional*): SD3's T5 length; default the pipeline's (256).
+        max_sequence_length (`int`, *optional*): SD3's T5 length; default the preset's, else the pipeline's (256).
         progress (callable, *optional*): called as `progress(step, total)` after each denoising step.
         cancel (`threading.Event`, *optional*): set it to stop; `GenerationCancelled` is raised.
 
@@ -263,8 +276,10 @@ def generate(
     text_part = parts[0] if text_part is None else text_part
     if text_part not in parts:
         raise ValueError(f"text_part={text_part!r} is not a text part of this model; use one of {', '.join(parts)}")
+    if max_sequence_length is None:
+        max_sequence_length = defaults.max_sequence_length  # tiny-mmdit: 0 (no T5, so no zero tokens)
     if max_sequence_length is not None:
-        max_sequence_length = _check_int("max_sequence_length", max_sequence_length, 1, 512)
+        max_sequence_length = _check_int("max_sequence_length", max_sequence_length, 0, 512)
     steps = _check_int("steps", defaults.steps if steps is None else steps, 1, 1000)
     seed = _check_int("seed", seed, 0, 2**63 - 1)
     num_images_per_prompt = _check_int("num_images_per_prompt", num_images_per_prompt, 1, 64)

@@ -86,7 +86,8 @@ def test_dropped_words_are_reported_once_in_words(sd_pipe_dir, tmp_path, capsys)
 def test_the_embedded_presets_vocabulary_is_the_worlds_caption_words():
     from crossattn_sd.tiny.build import CAPTION_WORDS
 
-    assert load_presets()["tiny"].vocabulary == CAPTION_WORDS
+    for name in ("tiny", "tiny-mmdit"):
+        assert load_presets()[name].vocabulary == CAPTION_WORDS, name
 
 
 def test_unknown_words_are_named_with_the_words_the_model_knows():

@@ -138,13 +138,19 @@ def save_pipeline(folder: str | Path, vae, text_encoder, tokenizer, unet, fp16: 
     saving a half-precision model writes ``dtype: float16`` into the text encoder's config,
     which then makes default (float32) loads come back in float16.
     """
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                                   unet=unet, scheduler=sample_scheduler(), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    return save_atomically(pipe, folder, fp16=fp16)
+
+
+def save_atomically(pipe, folder: str | Path, fp16: bool = False) -> Path:
+    """`pipe.save_pretrained(folder)` through a temporary sibling folder renamed into place (see
+    `save_pipeline`); with `fp16` the safetensors are halved after saving."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                                   unet=unet, scheduler=sample_scheduler(), safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(tmp, safe_serialization=True)
     if fp16:
         halve_safetensors(tmp)
@@ -194,7 +200,7 @@ def ship_weights(src: str | Path, dst: str | Path | None = None, limit_mb: float
     return dst
 
 
-if __name__ == "__main__":  # python -m crossattn_sd.tiny.build runs/tiny/pipeline
+if __name__ == "__main__":  # python -m crossattn_sd.tiny.build runs/tiny/pipeline [crossattn_sd/tiny/weights-mmdit]
     import sys
 
-    print(f"shipped {sys.argv[1]} -> {ship_weights(sys.argv[1])}")
+    print(f"shipped {sys.argv[1]} -> {ship_weights(*sys.argv[1:3])}")

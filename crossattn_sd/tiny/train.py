@@ -48,11 +48,15 @@ from .world import object_mask as world_object_mask
 
 CHECKPOINT = "checkpoint.pt"
 MAX_OBJECTS = 2  # a scene holds one object or two
+MODELS = ("unet", "mmdit")  # train-tiny --model
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="crossattn-sd train-tiny", description=__doc__,
                                 formatter_class=HelpFormatter)
+    p.add_argument("--model", choices=MODELS, default="unet",
+                   help="unet: the embedded StableDiffusionPipeline (these flags); mmdit: the joint-attention "
+                        "StableDiffusion3Pipeline (train_mmdit.py; `--model mmdit --help` lists its flags)")
     p.add_argument("--out", required=True, help="run folder (checkpoint.pt, pipeline export)")
     p.add_argument("--steps", type=int, default=4000,
                    help="total UNet steps; also the length of the cosine LR schedule")
@@ -119,26 +123,28 @@ def tokenize(tokenizer, texts: list[str]) -> torch.Tensor:
 
 
 class Pool:
-    """Pre-encoded training scenes: VAE posterior means and both caption orders' token ids.
+    """Pre-encoded training scenes: VAE posterior means and both caption orders' captions and token ids.
 
     Regenerated deterministically from (seed, size) so checkpoints need not store it."""
 
     def __init__(self, vae, tokenizer, seed: int, size: int, p_two: float, chunk: int = 256):
         rng = np.random.default_rng([seed, 1])
-        latents, fwd, rev, masks, owners = [], [], [], [], []
+        latents, fwd, rev, masks, owners, texts = [], [], [], [], [], []
         with torch.no_grad():
             for start in tqdm(range(0, size, chunk), desc="encoding pool", mininterval=10,
                               file=sys.stdout):
                 scenes, images = render_batch(rng, min(chunk, size - start), p_two)
                 latents.append(vae.encode(to_tensor(images)).latent_dist.mean)
                 orders = [[tuple(range(len(s.objects))), tuple(reversed(range(len(s.objects))))] for s in scenes]
-                fwd.append(tokenize(tokenizer, [caption(s, o[0]) for s, o in zip(scenes, orders)]))
-                rev.append(tokenize(tokenizer, [caption(s, o[1]) for s, o in zip(scenes, orders)]))
+                texts += [(caption(s, o[0]), caption(s, o[1])) for s, o in zip(scenes, orders)]
+                fwd.append(tokenize(tokenizer, [t[0] for t in texts[start:]]))
+                rev.append(tokenize(tokenizer, [t[1] for t in texts[start:]]))
                 masks.append(object_masks(scenes, images.shape[1], latents[-1].shape[-2:]))
                 owners.append(torch.tensor([[word_owners(s, o, fwd[-1].shape[1]) for o in pair]
                                             for s, pair in zip(scenes, orders)]))
         self.latents = torch.cat(latents)
         self.ids = torch.stack([torch.cat(fwd), torch.cat(rev)], dim=1)  # (N, 2, L)
+        self.texts = texts  # per scene: (caption, caption in reverse object order), tokenized as self.ids
         self.empty = tokenize(tokenizer, [""])[0]
         # for the grounding loss: each scene's object masks at the latent size (area fractions), and for each
         # caption order the object each token describes (-1: none)
@@ -148,13 +154,22 @@ class Pool:
     def __len__(self) -> int:
         return len(self.latents)
 
+    def draw(self, gen: torch.Generator, n: int, dropout: float):
+        """A random batch: (scene indices, caption orders (0 or 1), which captions are dropped to "")."""
+        idx = torch.randint(len(self), (n,), generator=gen)
+        order = torch.randint(2, (n,), generator=gen)  # random caption order
+        dropped = torch.rand(n, generator=gen) < dropout
+        return idx, order, dropped
+
+    def captions(self, idx: torch.Tensor, order: torch.Tensor, dropped: torch.Tensor) -> list[str]:
+        """The captions of a `draw` ("" where dropped), tokenized as `self.ids[idx, order]`."""
+        return ["" if d else self.texts[i][o] for i, o, d in zip(idx.tolist(), order.tolist(), dropped.tolist())]
+
     def batch(self, gen: torch.Generator, n: int, dropout: float, *, grounding: bool = False):
         """(latents, ids), or with `grounding` (latents, ids, masks, owners) for `grounding_loss`; the random
         draws are the same either way."""
-        idx = torch.randint(len(self), (n,), generator=gen)
-        order = torch.randint(2, (n,), generator=gen)  # random caption order
+        idx, order, dropped = self.draw(gen, n, dropout)
         ids = self.ids[idx, order].clone()
-        dropped = torch.rand(n, generator=gen) < dropout
         ids[dropped] = self.empty
         if not grounding:
             return self.latents[idx], ids
@@ -222,8 +237,18 @@ def encode_text(text_encoder, ids: torch.Tensor, empty: torch.Tensor | None = No
         return (states, torch.full((len(ids),), ids.shape[1])) if return_cut else states
     states = text_encoder(torch.cat([ids, empty[None]]))[0]
     states, empty_states = states[:-1], states[-1:]
+    cut = dropout_cuts(ids, text_encoder.config.eos_token_id, context_dropout, gen, prefix_dropout)
+    replaced = torch.arange(ids.shape[1])[None, :] >= cut[:, None]
+    states = torch.where(replaced[..., None], empty_states, states)
+    return (states, cut) if return_cut else states
+
+
+def dropout_cuts(ids: torch.Tensor, eos_token_id: int, context_dropout: float, gen: torch.Generator | None,
+                 prefix_dropout: float) -> torch.Tensor:
+    """Per caption, the position from which `encode_text`'s context and prefix dropout replace its text states
+    by the empty prompt's (the sequence length where nothing is replaced)."""
     n, length = ids.shape
-    eos = (ids == text_encoder.config.eos_token_id).int().argmax(dim=1)  # first end-of-text
+    eos = (ids == eos_token_id).int().argmax(dim=1)  # first end-of-text
     cut = torch.full((n,), length)  # states at positions >= cut are replaced
     if context_dropout > 0:
         drop = torch.rand(n, generator=gen) < context_dropout
@@ -233,9 +258,7 @@ def encode_text(text_encoder, ids: torch.Tensor, empty: torch.Tensor | None = No
         # keep BOS and the first word at least: cut in [2, eos]
         cut_at = 2 + (torch.rand(n, generator=gen) * (eos - 1).clamp(min=0)).long()
         cut = torch.where(prefix, torch.minimum(cut_at, cut), cut)
-    replaced = torch.arange(length)[None, :] >= cut[:, None]
-    states = torch.where(replaced[..., None], empty_states, states)
-    return (states, cut) if return_cut else states
+    return cut
 
 
 def diffusion_loss(unet, text_encoder, scheduler, latents, ids, t, noise, *, empty=None, context_dropout=0.0,
@@ -389,34 +412,56 @@ def export(folder: Path, vae, ema_text_encoder, tokenizer, ema_unet) -> None:
 
 # ----------------------------------------------------------------------------- main
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    for name, top in (("context_dropout", 1.0), ("prefix_dropout", 1.0), ("caption_dropout", 1.0),
-                      ("grounding", math.inf)):
+def bad_value(args, limits: dict[str, float]) -> str | None:
+    """An error message for the first flag in `limits` (name -> upper bound) outside [0, bound] (NaN too)."""
+    for name, top in limits.items():
         value = getattr(args, name)
-        if not (0 <= value <= top and math.isfinite(value)):  # NaN fails too
+        if not (0 <= value <= top and math.isfinite(value)):
             wanted = "a fraction from 0 to 1" if top == 1.0 else "a weight >= 0"
-            print(f"--{name.replace('_', '-')} {value}: give {wanted}", file=sys.stderr)
-            return 2
-    if args.init_from is not None and args.resume:
-        print("--init-from starts a new run and --resume continues one: give only one of them", file=sys.stderr)
-        return 2
-    torch.set_num_threads(args.threads)
+            return f"--{name.replace('_', '-')} {value}: give {wanted}"
+    return None
+
+
+def run_folder(args, must_match: tuple[str, ...]) -> tuple[Path, Path, Path, dict | None]:
+    """(run folder (created), export folder, checkpoint path, the checkpoint with --resume else None). Raises
+    ValueError when --resume finds no checkpoint or one made with other `must_match` flags."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     export_dir = Path(args.export) if args.export else out / "pipeline"
     ckpt_path = out / CHECKPOINT
-    ckpt = None
-    if args.resume:
-        if not ckpt_path.exists():
-            print(f"--resume: no checkpoint at {ckpt_path}", file=sys.stderr)
-            return 2
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        for key in ("seed", "pool_size", "p_two"):
-            if ckpt["args"][key] != getattr(args, key):
-                print(f"--resume: --{key.replace('_', '-')} {getattr(args, key)} differs from the "
-                      f"checkpoint's {ckpt['args'][key]}", file=sys.stderr)
-                return 2
+    if not args.resume:
+        return out, export_dir, ckpt_path, None
+    if not ckpt_path.exists():
+        raise ValueError(f"--resume: no checkpoint at {ckpt_path}")
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    for key in must_match:
+        if ckpt["args"][key] != getattr(args, key):
+            raise ValueError(f"--resume: --{key.replace('_', '-')} {getattr(args, key)} differs from the "
+                             f"checkpoint's {ckpt['args'][key]}")
+    return out, export_dir, ckpt_path, ckpt
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pick = argparse.ArgumentParser(add_help=False)
+    pick.add_argument("--model", choices=MODELS, default="unet")
+    if pick.parse_known_args(argv)[0].model == "mmdit":
+        from .train_mmdit import main as train_mmdit
+
+        return train_mmdit(argv)
+    args = build_parser().parse_args(argv)
+    error = bad_value(args, dict(context_dropout=1.0, prefix_dropout=1.0, caption_dropout=1.0, grounding=math.inf))
+    if error is None and args.init_from is not None and args.resume:
+        error = "--init-from starts a new run and --resume continues one: give only one of them"
+    if error is not None:
+        print(error, file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads)
+    try:
+        out, export_dir, ckpt_path, ckpt = run_folder(args, ("seed", "pool_size", "p_two"))
+    except ValueError as e:
+        print(e, file=sys.stderr)
+        return 2
 
     torch.manual_seed(args.seed)  # model initialisation
     tokenizer = build.build_tokenizer()

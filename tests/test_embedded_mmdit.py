@@ -1,0 +1,55 @@
+"""The shipped joint-attention model: `load_pipeline("tiny-mmdit")` loads it offline from package data, and a plain
+Diffusers call with its preset's settings draws held-out captions the judge accepts."""
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import json
+
+import numpy as np
+import torch
+
+from crossattn_sd.config import PACKAGE_DIR, get_preset
+from crossattn_sd.pipeline import _absent_components, load_pipeline
+from crossattn_sd.tiny.build import folder_size
+from crossattn_sd.tiny.evaluate import captions
+from crossattn_sd.tiny.judge import judge
+
+N_JUDGED = 16
+MIN_RIGHT = 14  # the shipped weights draw 16 of these 16 right (guidance 1.5); room for platform rounding
+
+
+def test_preset_names_the_packaged_sd3_folder():
+    preset = get_preset("tiny-mmdit")
+    assert preset.family == "sd3" and preset.max_sequence_length == 0
+    folder = PACKAGE_DIR / preset.source.removeprefix("package:")
+    assert (folder / "model_index.json").is_file()
+    assert folder_size(folder) <= 30 * 2**20
+
+
+def test_null_components_of_a_folder_are_passed_as_none(tmp_path):
+    (tmp_path / "model_index.json").write_text(json.dumps(
+        {"_class_name": "StableDiffusion3Pipeline", "text_encoder_3": [None, None], "vae": ["diffusers", "X"]}))
+    assert _absent_components(tmp_path) == {"text_encoder_3": None}
+    assert _absent_components(tmp_path / "missing") == {}
+    assert _absent_components("some/hub-id") == {}
+
+
+def test_load_pipeline_tiny_mmdit_draws_held_out_captions_right():
+    from diffusers import StableDiffusion3Pipeline
+
+    torch.set_num_threads(1)
+    pipe = load_pipeline("tiny-mmdit", device="cpu")
+    assert isinstance(pipe, StableDiffusion3Pipeline) and pipe.text_encoder_3 is None
+    assert pipe.transformer.dtype == torch.float32  # fp16 files, float32 model
+    preset = get_preset("tiny-mmdit")
+    defaults = pipe.crossattn_defaults
+    assert (defaults.steps, defaults.guidance, defaults.height, defaults.width) == (20, preset.guidance, 64, 64)
+    items = captions(N_JUDGED, seed=0)
+    images = pipe([text for text, _, _ in items], num_inference_steps=defaults.steps,
+                  guidance_scale=defaults.guidance, height=defaults.height, width=defaults.width,
+                  max_sequence_length=preset.max_sequence_length,
+                  generator=[torch.Generator().manual_seed(seed) for _, _, seed in items]).images
+    assert {im.size for im in images} == {(64, 64)}
+    right = sum(judge(np.asarray(im), kinds).ok for im, (_, kinds, _) in zip(images, items))
+    assert right >= MIN_RIGHT, f"{right}/{N_JUDGED} held-out captions drawn right"
