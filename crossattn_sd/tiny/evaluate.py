@@ -221,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=HelpFormatter)
     p.add_argument("--n", type=int, default=144, help="number of held-out captions to generate")
     p.add_argument("--seed", type=int, default=0, help="first noise seed (caption k uses seed + k)")
-    p.add_argument("--model", default=None, help="pipeline folder; default: the embedded model")
+    p.add_argument("--model", default=None, help="a preset (tiny, tiny-mmdit) or a training export folder (evaluated with the defaults of the preset of its kind); default: the embedded model")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's preset)")
     p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's preset)")
     p.add_argument("--resolutions", default=None,
@@ -239,14 +239,18 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import torch
 
-    from ..config import GenerationDefaults, get_preset
+    from ..config import GenerationDefaults, get_preset, load_presets
+    from ..families import family_of
     from ..pipeline import load_pipeline
 
     if args.threads:
         torch.set_num_threads(args.threads)
     pipe = load_pipeline(args.model, device="cpu")
-    # A training export in some folder is still the tiny model: evaluate it with the tiny preset's defaults.
-    pipe.crossattn_defaults = GenerationDefaults.from_preset(get_preset("tiny"))
+    if args.model not in load_presets():
+        # A training export in some folder is still an embedded model: evaluate it with the defaults of the preset
+        # of its kind (guidance, and for tiny-mmdit its max_sequence_length 0), not SD's.
+        kind = "tiny-mmdit" if family_of(pipe).name == "sd3" else "tiny"
+        pipe.crossattn_defaults = GenerationDefaults.from_preset(get_preset(kind))
     resolutions = args.resolutions and args.resolutions.strip()
     if resolutions and resolutions != "all":
         try:
