@@ -7,9 +7,11 @@ A thin argparse layer over the same functions the web UI calls.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from .config import EMBEDDED_PRESET
@@ -75,8 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "B: the generation flags) and write a/, b/, compare.png and difference.png.",
                          formatter_class=fmt)
     _add_generation_args(cmp)
-    cmp.add_argument("--processor-a", default="default", choices=("default", "capture"),
-                     help="the baseline processor A")
+    cmp.add_argument("--processor-a", default="capture", choices=("default", "capture"),
+                     help="the baseline processor A (the web UI's Compare tab defaults to capture too)")
 
     serve = sub.add_parser("serve", help="run the web UI", formatter_class=fmt)
     serve.add_argument("--host", default="127.0.0.1", help="interface to listen on")
@@ -105,6 +107,35 @@ def _spec(args):
 
     return ProcessorSpec(args.processor, mode=args.mode, weights=parse_weights(args.weights),
                          edit_prompt=args.edit_prompt, inject=args.inject, layers=args.layers)
+
+
+# Options that only one processor reads: given with another, they would be ignored without a word.
+_PROCESSOR_OPTIONS = {"weights": ("reweight", "--weights"), "edit_prompt": ("edit", "--edit-prompt")}
+
+
+def check_generation_args(args) -> None:
+    """Refuse bad generation arguments before the model loads (ValueError naming the flag and the fix).
+
+    What depends on the model (size multiples, scheduler compatibility, words of the prompt) is checked by
+    `generate` once it has loaded; everything else fails here, in a second instead of after the load."""
+    if not args.prompt.strip():
+        raise ValueError("the prompt is empty; type what the image should show, e.g. 'a red circle on the left'")
+    for name, (processor, flag) in _PROCESSOR_OPTIONS.items():
+        if getattr(args, name) and args.processor != processor:
+            raise ValueError(f"{flag} applies to --processor {processor} only (got --processor {args.processor}); "
+                             f"add --processor {processor} or drop {flag}")
+    if args.steps is not None and args.steps < 1:
+        raise ValueError(f"steps={args.steps} is out of range; use a value >= 1")
+    if not 0 <= args.alpha <= 1:
+        raise ValueError(f"alpha={args.alpha} is out of range; use 0..1")
+    from .overlay import CMAPS
+    from .pipeline import SCHEDULERS
+
+    if args.cmap not in CMAPS:
+        raise ValueError(f"unknown --cmap {args.cmap!r}; use one of {', '.join(CMAPS)}")
+    if args.scheduler not in SCHEDULERS:
+        raise ValueError(f"unknown --scheduler {args.scheduler!r}; use one of {', '.join(SCHEDULERS)}")
+    _spec(args)  # bad weights, a missing edit prompt, inject out of range
 
 
 def _progress(quiet: bool):
@@ -150,16 +181,51 @@ def write_outputs(result, out: Path, words=None, alpha: float = 0.5, cmap: str =
     return paths
 
 
-def _run_generate(args, spec=None):
-    from .pipeline import generate, load_pipeline
+@contextlib.contextmanager
+def _library_truncation_notes_off():
+    """Diffusers and transformers each log their own note when a prompt is cut at the tokenizer's limit; the
+    CLI names the dropped words itself, in words rather than sub-tokens, so their notes are held back."""
+    import diffusers.utils.logging as diffusers_logging
+    import transformers.utils.logging as transformers_logging
 
-    pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype, offload=args.offload)
+    saved = diffusers_logging.get_verbosity(), transformers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    transformers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(saved[0])
+        transformers_logging.set_verbosity(saved[1])
+
+
+def _vocabulary_note(args) -> None:
+    """Name the prompt's words a closed-vocabulary preset never saw, before its model loads."""
+    from .config import EMBEDDED, load_presets
+    from .tokens import vocabulary_note
+
+    presets = load_presets()
+    preset = presets.get(EMBEDDED_PRESET.name if args.model in (None, EMBEDDED) else args.model)
+    note = preset and vocabulary_note([args.prompt, args.edit_prompt], preset.vocabulary)
+    if note:
+        print(f"note: {note}", file=sys.stderr)
+
+
+def _run_generate(args, spec=None, pipe=None):
+    from .pipeline import generate, load_pipeline
+    from .tokens import VocabularyWarning
+
+    if pipe is None:
+        _vocabulary_note(args)
+        pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype, offload=args.offload)
     progress, bar = _progress(args.quiet)
     try:
-        result = generate(pipe, args.prompt, negative_prompt=args.negative_prompt, seed=args.seed,
-                          steps=args.steps, guidance_scale=args.guidance, height=args.height, width=args.width,
-                          scheduler=None if args.scheduler == "default" else args.scheduler,
-                          per_step=args.per_step, processor=spec or _spec(args), progress=progress)
+        with _library_truncation_notes_off(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", VocabularyWarning)  # said before the model loaded
+            # the dropped words are reported once, by cmd_generate
+            result = generate(pipe, args.prompt, negative_prompt=args.negative_prompt, seed=args.seed,
+                              steps=args.steps, guidance_scale=args.guidance, height=args.height, width=args.width,
+                              scheduler=None if args.scheduler == "default" else args.scheduler,
+                              per_step=args.per_step, processor=spec or _spec(args), progress=progress)
     finally:
         if bar is not None:
             bar.close()
@@ -167,6 +233,7 @@ def _run_generate(args, spec=None):
 
 
 def cmd_generate(args) -> int:
+    check_generation_args(args)
     _, result = _run_generate(args)
     for w in args.word or ():  # validate before writing anything (an edit's word may be in either prompt)
         if not any(_has_word(a, w) for a in result.alignments):
@@ -185,10 +252,11 @@ def cmd_compare(args) -> int:
     from .overlay import captioned
     from .steering import ProcessorSpec
 
+    check_generation_args(args)
     spec_b = _spec(args)
     spec_a = ProcessorSpec(args.processor_a, mode=args.mode)
-    _, res_a = _run_generate(args, spec_a)
-    _, res_b = _run_generate(args, spec_b)
+    pipe, res_a = _run_generate(args, spec_a)
+    _, res_b = _run_generate(args, spec_b, pipe)  # one load for both runs
     write_outputs(res_a, args.out / "a", args.word, args.alpha, args.cmap)
     write_outputs(res_b, args.out / "b", args.word, args.alpha, args.cmap)
     image_a, image_b = res_a.images[0], res_b.images[-1]  # an edit returns [source, edit]: compare the edit

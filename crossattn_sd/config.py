@@ -32,6 +32,8 @@ class ModelPreset:
             they were measured to localise words best, as for the embedded one).
         examples: example prompts shown in the UI.
         description: one line for `--help` and the UI.
+        vocabulary: the words a closed-vocabulary model was trained on (the embedded models); a prompt's other
+            words are named before generation, since the model never learned them. Empty: an open vocabulary.
     """
 
     name: str
@@ -46,10 +48,15 @@ class ModelPreset:
     map_layers: str = "all"
     examples: tuple[str, ...] = ()
     description: str = ""
+    vocabulary: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.family not in ("sd", "sdxl"):
             raise ValueError(f"preset {self.name!r}: family must be 'sd' or 'sdxl', got {self.family!r}")
+        bad = [w for w in self.vocabulary if not isinstance(w, str) or not w.strip()]
+        if bad:
+            raise ValueError(f"preset {self.name!r}: vocabulary entries must be words, got {bad!r} (quote words "
+                             "such as \"on\" and \"no\", which YAML reads as true/false)")
         if self.map_layers not in MAP_LAYERS:
             raise ValueError(f"preset {self.name!r}: map_layers must be one of {', '.join(MAP_LAYERS)}, "
                              f"got {self.map_layers!r}")
@@ -101,7 +108,9 @@ class GenerationDefaults:
     width: int | None = None
     examples: tuple[str, ...] = field(default_factory=tuple)
     map_layers: str = "all"  # see ModelPreset
+    vocabulary: tuple[str, ...] = field(default_factory=tuple)  # see ModelPreset
 
     @classmethod
     def from_preset(cls, preset: ModelPreset) -> "GenerationDefaults":
-        return cls(preset.steps, preset.guidance, preset.height, preset.width, preset.examples, preset.map_layers)
+        return cls(preset.steps, preset.guidance, preset.height, preset.width, preset.examples, preset.map_layers,
+                   preset.vocabulary)

@@ -20,7 +20,7 @@ from .config import EMBEDDED, EMBEDDED_MODEL_DIR, EMBEDDED_PRESET, MAP_LAYERS, G
 from .maps import DEFAULT_MAX_STEP_BYTES
 from .processors import MODES
 from .result import GenerationResult
-from .tokens import align_prompt, misaligned_words
+from .tokens import VocabularyWarning, align_prompt, misaligned_words, vocabulary_note
 
 # Scheduler names offered by the CLI and UI -> Diffusers class name (created from the model's own config).
 SCHEDULERS = {
@@ -82,7 +82,7 @@ def load_pipeline(model: str | None = None, *, device: str | None = None, dtype:
         preset = presets[name]
         name = preset.source
     elif name == EMBEDDED:
-        preset = EMBEDDED_PRESET
+        preset = presets[EMBEDDED_PRESET.name]  # configs/tiny.yaml
     if name == EMBEDDED:
         source = EMBEDDED_MODEL_DIR
         if not (source / "model_index.json").is_file():
@@ -263,6 +263,9 @@ def generate(
     spec = processor if processor is not None else ProcessorSpec("capture", mode=mode)
     new_scheduler = _make_scheduler(pipe, scheduler)
 
+    note = vocabulary_note(spec.result_prompts(prompts), defaults.vocabulary)
+    if note:
+        warnings.warn(note, VocabularyWarning, stacklevel=2)
     alignments = [align_prompt(pipe.tokenizer, p) for p in spec.result_prompts(prompts)]
     if getattr(pipe, "tokenizer_2", None) is not None:  # SDXL: maps are keyed by the first tokenizer's positions
         for a in alignments:

@@ -366,6 +366,13 @@ class AttentionService:
         return dataclasses.replace(req, seed=int(req.seed), steps=int(req.steps), width=int(req.width),
                                    height=int(req.height), guidance=float(req.guidance))
 
+    def vocabulary_note(self, req: GenerateRequest) -> str | None:
+        """A note naming the request's words the model never saw (closed-vocabulary presets), for before the run."""
+        from .tokens import vocabulary_note
+
+        return vocabulary_note([req.prompt, req.edit_prompt if req.processor == "edit" else ""],
+                               self.preset.vocabulary)
+
     def generate(self, req: GenerateRequest, *, session: str = "", progress: Callable[[int, int], None] | None = None,
                  cancel: threading.Event | None = None) -> Entry:
         """Generate one image with its maps, save it (and its zip bundle), and return the session's new entry.

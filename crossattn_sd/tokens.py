@@ -135,3 +135,28 @@ def misaligned_words(first: PromptTokens, second: PromptTokens) -> list[str]:
     """
     positions = {(w.start, w.end): w.token_indices for w in second.words}
     return [w.text for w in first.words if positions.get((w.start, w.end)) != w.token_indices]
+
+
+def unknown_words(prompt: str, vocabulary) -> list[str]:
+    """The distinct words of `prompt` (lower case, in order) that are not in a closed `vocabulary`.
+
+    A model trained on a closed vocabulary (the embedded ones) has never seen other words: their tokens keep
+    their initial embeddings, so they steer nothing and their maps mean nothing. Empty `vocabulary`: none."""
+    if not vocabulary:
+        return []
+    known = {w.lower() for w in vocabulary}
+    words = dict.fromkeys(m.group(0).lower() for m in _WORD_RE.finditer(prompt))
+    return [w for w in words if w not in known]
+
+
+class VocabularyWarning(UserWarning):
+    """A prompt uses words a closed-vocabulary model never saw (`generate` warns before it runs)."""
+
+
+def vocabulary_note(prompts, vocabulary) -> str | None:
+    """One line naming the words of `prompts` a closed-vocabulary model never saw, and the words it knows."""
+    unknown = list(dict.fromkeys(w for p in prompts if p for w in unknown_words(p, vocabulary)))
+    if not unknown:
+        return None
+    return (f"this model was trained on a closed vocabulary and never saw {', '.join(map(repr, unknown))}; "
+            f"it knows: {', '.join(vocabulary)}")

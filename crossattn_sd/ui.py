@@ -198,6 +198,9 @@ class Handlers:
         """
         req = self.request(prompt, negative_prompt, seed, steps, guidance, width, height, scheduler, mode,
                            processor, weights, edit_prompt, inject, per_step, processor_layers)
+        note = self.service.vocabulary_note(req)
+        if note:  # shown at once, while the run goes on: the user may want to see what such words do
+            gr.Warning(note[0].upper() + note[1:] + ".", title="Unknown words")
         session = _session(request)
         entry = await self._run(session, lambda flag: self.service.generate(
             req, session=session, progress=_progress(progress), cancel=flag))

@@ -95,11 +95,12 @@ def test_compare_writes_both_runs_the_sheet_the_difference_and_a_summary(sd_pipe
     assert main(args("compare", out, sd_pipe_dir, "--processor", "reweight", "--weights", "circle:2")) == 0
     assert "wrote" in capsys.readouterr().out
     assert sorted(p.name for p in out.iterdir()) == ["a", "b", "compare.json", "compare.png", "difference.png"]
-    assert not list((out / "a").glob("overlay-*.png"))  # A: the default processor records no maps
+    # A: the capture baseline (as in the web UI's Compare tab) records maps too
+    assert len(list((out / "a").glob("overlay-*.png"))) == len(WORDS)
     assert len(list((out / "b").glob("overlay-*.png"))) == len(WORDS)
     a, b = pixels(out / "a" / "image.png"), pixels(out / "b" / "image.png")
     summary = json.loads((out / "compare.json").read_text())
-    assert summary["a"]["name"] == "default" and summary["b"]["name"] == "reweight"
+    assert summary["a"]["name"] == "capture" and summary["b"]["name"] == "reweight"
     assert summary["max_abs_pixel_difference"] == int(np.abs(a - b).max()) > 0
     assert summary["mean_abs_pixel_difference"] == pytest.approx(float(np.abs(a - b).mean()))
     with Image.open(out / "difference.png") as diff, Image.open(out / "compare.png") as sheet:
