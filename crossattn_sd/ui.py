@@ -382,7 +382,8 @@ def build_demo(service: AttentionService) -> gr.Blocks:
                     gr.Examples([[e] for e in d.examples], inputs=[prompt], label="Example prompts")
                 with gr.Accordion("Image settings", open=True):
                     with gr.Row(equal_height=True):
-                        seed = Number(0, label="Seed", precision=0, minimum=0, maximum=MAX_SEED, scale=4)
+                        seed = Number(0, label="Seed", precision=0, minimum=0, maximum=MAX_SEED, scale=4,
+                                      elem_id="seed")
                         dice = gr.Button("Random", scale=1, min_width=90)
                     with gr.Row():
                         steps = Slider(1, d.max_steps, d.steps, step=1, label="Steps")
@@ -402,7 +403,7 @@ def build_demo(service: AttentionService) -> gr.Blocks:
                                     info="exact: same image as Diffusers; explicit: probabilities @ values")
                     weights = gr.Textbox("", label="Word weights", placeholder="circle:2, red:0.5", visible=False,
                                          info="word:weight pairs; 1 leaves a word alone, 0 removes it")
-                    edit_prompt = gr.Textbox("", label="Edited prompt", visible=False,
+                    edit_prompt = gr.Textbox("", label="Edited prompt", visible=False, elem_id="edit-prompt",
                                              placeholder="the prompt with a word changed")
                     inject = Slider(0, 1, 0.8, step=0.05, label="Injection", visible=False,
                                        info="fraction of steps that reuse the source's maps")
@@ -452,7 +453,8 @@ def build_demo(service: AttentionService) -> gr.Blocks:
                         with gr.Row(equal_height=True):
                             bundle = gr.File(label="Map bundle: image.png, maps.npz, meta.json, attention.safetensors",
                                              interactive=False, elem_id="bundle", scale=3)
-                            upload = gr.UploadButton("Open a bundle (.zip)", file_types=[".zip"], scale=1)
+                            upload = gr.UploadButton("Open a bundle (.zip)", file_types=[".zip"], scale=1,
+                                                     elem_id="upload")
                         gallery = gr.Gallery(label="This session (click to inspect)", columns=6, height=220,
                                              allow_preview=False, elem_id="history", elem_classes="pixelated")
                         with gr.Accordion("Words and settings", open=False):
@@ -460,14 +462,14 @@ def build_demo(service: AttentionService) -> gr.Blocks:
                             settings = gr.JSON(label="Settings")
                 with gr.Accordion("Map filters", open=True):
                     with gr.Row():
-                        layers = gr.CheckboxGroup([], label="Layers", scale=3)
-                        resolutions = gr.CheckboxGroup([], label="Resolutions", scale=1)
+                        layers = gr.CheckboxGroup([], label="Layers", scale=3, elem_id="layers")
+                        resolutions = gr.CheckboxGroup([], label="Resolutions", scale=1, elem_id="resolutions")
                     with gr.Row():
-                        step_from = Slider(1, 2, 1, step=1, label="From step", interactive=False)
-                        step_to = Slider(1, 2, 2, step=1, label="To step", interactive=False)
-                        head = gr.Dropdown(["mean"], value="mean", label="Heads")
+                        step_from = Slider(1, 2, 1, step=1, label="From step", interactive=False, elem_id="step-from")
+                        step_to = Slider(1, 2, 2, step=1, label="To step", interactive=False, elem_id="step-to")
+                        head = gr.Dropdown(["mean"], value="mean", label="Heads", elem_id="heads")
                     with gr.Row():
-                        alpha = Slider(0, 1, 0.5, step=0.05, label="Overlay opacity")
+                        alpha = Slider(0, 1, 0.5, step=0.05, label="Overlay opacity", elem_id="alpha")
                         cmap = gr.Dropdown(list(d.cmaps), value=d.cmaps[0], label="Colour map")
 
         # -- wiring ------------------------------------------------------------------------------------------
