@@ -49,6 +49,8 @@ MAX_HISTORY = 12  # generations kept per session; older ones drop out of the gal
 MAX_OPEN_BUNDLES = 8  # bundles kept loaded for /heatmap calls
 # Words that rarely carry a region of their own: the word chips start on the first word that is not one.
 FUNCTION_WORDS = {"a", "an", "the", "on", "in", "at", "of", "and", "with", "to", "is", "by"}
+NO_MAPS = ("this result has no attention maps: the default processor records none; generate with the capture, "
+           "reweight or edit processor to see where each word went")
 
 
 @dataclass(frozen=True)
@@ -119,11 +121,23 @@ class Entry:
     bundle: Path  # the result as a zip, in the entry's work folder (with the images the browser is sent)
     caption: str
     seconds: float | None = None
+    shown: int | None = None  # the image on show (an edit returns [source, edit]); None: the last
 
     @property
     def index(self) -> int:
-        """The image on show: the last (an edit returns [source, edit] and shows the edit; others return one)."""
-        return len(self.result.images) - 1
+        """The image on show: `shown`, else the last (an edit shows the edit; others return one image)."""
+        return len(self.result.images) - 1 if self.shown is None else self.shown
+
+    def showing(self, index: int) -> "Entry":
+        """The same entry with image `index` on show: its words, maps and overlays (an edit's source: 0)."""
+        if not 0 <= index < len(self.result.images):
+            raise ValueError(f"image {index} is out of range; this result has {len(self.result.images)} image(s)")
+        return dataclasses.replace(self, shown=index)
+
+    @property
+    def prompt(self) -> str:
+        """The shown image's prompt."""
+        return self.result.alignments[self.index].prompt
 
     @property
     def image(self) -> Image.Image:
@@ -165,6 +179,21 @@ class MapChoices:
     num_steps: int
     has_steps: bool
     heads: int  # heads every layer has (0: per-head maps not kept)
+    layer_resolutions: dict[str, str] = dataclasses.field(default_factory=dict)  # layer name -> "16x16"
+
+    def layers_at(self, resolutions: Sequence[str]) -> list[str]:
+        """The layers whose maps have one of these sizes ("16x16"), in the store's order: what ticking
+        resolutions ticks."""
+        return [name for _, name in self.layers if self.layer_resolutions[name] in resolutions]
+
+    def resolutions_of(self, layers: Sequence[str]) -> list[str]:
+        """The resolutions all of whose layers are among `layers`: the resolution ticks that show them."""
+        return [r for r in self.resolutions if set(self.layers_at([r])) <= set(layers)]
+
+    @property
+    def default_layers(self) -> list[str]:
+        """The layers of the model's default view."""
+        return self.layers_at(self.default_resolutions)
 
 
 @dataclass
@@ -558,7 +587,8 @@ class AttentionService:
             words=words, default_word=default, layers=layers, resolutions=resolutions,
             default_resolutions=labels(entry.result.default_resolutions() or store.resolutions()),
             num_steps=store.num_steps,
-            has_steps=store.has_steps, heads=min(heads) if heads and None not in heads else 0)
+            has_steps=store.has_steps, heads=min(heads) if heads and None not in heads else 0,
+            layer_resolutions={l: labels([store.layer_shape(l)])[0] for l in store.layers})
 
     @staticmethod
     def filters(layers: Sequence[str] | str | None = None, resolutions: Sequence[str] | str | None = None,
@@ -608,10 +638,73 @@ class AttentionService:
             kw["steps"] = range(f.step_from, last + 1)
         return kw
 
+    @classmethod
+    def drawn_from(cls, entry: Entry, filters: MapFilters) -> str:
+        """What a view averages, in the UI's terms (steps counted from 1, as its sliders do): "3 of 7 layers
+        (16x16) · steps 1–4 of 4 · mean of 2 heads"."""
+        store = entry.result.store
+        kw = cls._heatmap_kwargs(entry, filters)
+        resolutions = kw["resolutions"]
+        if kw["layers"] is None and resolutions is None:
+            resolutions = entry.result.default_resolutions()
+        names = store.select_layers(kw["layers"], resolutions)
+        sizes = ", ".join(f"{h}x{w}" for h, w in store.resolutions() if any(store.layer_shape(n) == (h, w)
+                                                                           for n in names))
+        n = store.num_steps
+        picked = kw.get("steps", range(n))
+        steps = (f"step {picked[0] + 1} of {n}" if len(picked) == 1 else
+                 f"steps {picked[0] + 1}–{picked[-1] + 1} of {n}")
+        heads = [store.num_heads(l) for l in names]
+        if filters.head is not None:
+            head = f"head {filters.head}"
+        elif heads and None not in heads and len(set(heads)) == 1:
+            head = f"mean of {heads[0]} heads"
+        else:
+            head = "mean of the heads"
+        return f"{len(names)} of {len(store.layers)} layers ({sizes}) · {steps} · {head}"
+
+    def recorded_settings(self, entry: Entry) -> dict[str, object]:
+        """The settings a result was generated with, as `GenerateRequest` fields, for the controls to show again
+        (an opened bundle): only values this server accepts (a bundle from another model may name a scheduler or
+        size this one lacks; those are left out)."""
+        from .processors import MODES
+        from .steering import PROCESSORS
+
+        s = entry.result.settings
+        proc = s.get("processor") if isinstance(s.get("processor"), dict) else {}
+        prompt = s.get("edit_source_prompt") or s.get("prompt")
+        weights = proc.get("weights") or ()
+        fields = dict(
+            prompt=prompt[0] if isinstance(prompt, list) and prompt else prompt,
+            negative_prompt=s.get("negative_prompt") or "", seed=s.get("seed"), steps=s.get("steps"),
+            guidance=s.get("guidance_scale"), width=s.get("width"), height=s.get("height"),
+            scheduler=s.get("scheduler"), edit_prompt=proc.get("edit_prompt") or "",
+            processor_layers=proc.get("layers"),
+            weights=", ".join(f"{w}:{v:g}" for w, v in weights) if all(
+                isinstance(p, (list, tuple)) and len(p) == 2 and isinstance(p[0], str)
+                and isinstance(p[1], (int, float)) for p in weights) else None)
+        base = GenerateRequest(prompt="a")
+        kept = {}
+        for name, value in fields.items():
+            try:  # the same checks a generation makes, one field at a time
+                self._check(dataclasses.replace(base, **{name: value}))
+            except (ValueError, TypeError):
+                continue
+            kept[name] = value
+        choices = dict(mode=MODES, processor=PROCESSORS)
+        for name, value in (("mode", s.get("mode")), ("processor", proc.get("name"))):
+            if value in choices[name]:
+                kept[name] = value
+        inject, per_step = proc.get("inject"), s.get("per_step")
+        if isinstance(inject, (int, float)) and not isinstance(inject, bool) and 0 <= inject <= 1:
+            kept["inject"] = float(inject)
+        if isinstance(per_step, bool):
+            kept["per_step"] = per_step
+        return kept
+
     def _check_word(self, entry: Entry, word: str | None) -> str:
         if not entry.has_maps:
-            raise ValueError("this result has no attention maps: the default processor records none; "
-                             "generate with the capture, reweight or edit processor")
+            raise ValueError(NO_MAPS)
         if not word:
             raise ValueError(f"pick a word of the prompt: {', '.join(entry.words) or '(the prompt has no words)'}")
         return word
@@ -626,8 +719,7 @@ class AttentionService:
         """The Inspect panel for one word: overlay, map, numeric summary, and (if asked: they take longer, and
         the UI draws only what is on show) the all-words grid and the timeline."""
         if not entry.has_maps:
-            return MapView(summary="The **default** processor records no maps. Generate with *capture* (or "
-                           "*reweight* / *edit*) to see where each word went.")
+            return MapView(summary=NO_MAPS[0].upper() + NO_MAPS[1:] + ".")
         result = entry.result
         word = self._check_word(entry, word)
         kw = self._heatmap_kwargs(entry, filters)
@@ -637,7 +729,7 @@ class AttentionService:
         y, x = np.unravel_index(int(raw.argmax()), raw.shape)
         summary = (f"**{word}** gets {100 * float(raw.mean()):.1f}% of the attention on average, peaking at "
                    f"{100 * hi:.1f}% at (x={x}, y={y}). Colours run from {100 * lo:.1f}% (low) to {100 * hi:.1f}% "
-                   "(high). Click the map to read a value.")
+                   f"(high). Click the map to read a value.  \nDrawn from {self.drawn_from(entry, filters)}.")
         colours = colorize(np.linspace(0, 1, 11)[None], filters.cmap)[0]
         view = MapView(overlay=blend(entry.image, m, filters.alpha, filters.cmap),
                        heatmap=Image.fromarray(colorize(m, filters.cmap)), summary=summary,
