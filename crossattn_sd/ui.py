@@ -55,9 +55,11 @@ CSS = """
    (`enlarged`): Gradio computes a click's pixel as if the browser never enlarged an image. */
 .pixelated img { image-rendering: pixelated; object-fit: contain !important; }
 .readable img { image-rendering: pixelated; }
-/* Gallery captions: whole, on up to three lines, instead of one line cut short. */
+/* Gallery captions: whole, wrapped, instead of one line cut short; the history keeps four columns however few
+   entries it has (Gradio stretches one or two to the gallery's width, pushing their captions out of view). */
 #timeline .caption-label, #history .caption-label { white-space: normal; max-width: calc(100% - 8px);
   overflow-wrap: anywhere; font-size: 0.75em; line-height: 1.2; }
+#history .grid-container { grid-template-columns: repeat(4, minmax(100px, 1fr)) !important; }
 #title h1 { margin-bottom: 0; }
 #colorbar .bar { height: 12px; border-radius: 3px; }
 #colorbar .ends { display: flex; justify-content: space-between; font-size: 0.8em; opacity: 0.8; }
@@ -585,7 +587,7 @@ def build_demo(service: AttentionService) -> gr.Blocks:
                                              interactive=False, elem_id="bundle", scale=3)
                             upload = gr.UploadButton("Open a bundle (.zip)", file_types=[".zip"], scale=1,
                                                      elem_id="upload")
-                        gallery = gr.Gallery(label="This session (click to inspect)", columns=6, height=220,
+                        gallery = gr.Gallery(label="This session (click to inspect)", columns=4, height=400,
                                              allow_preview=False, elem_id="history", elem_classes="pixelated")
                         with gr.Accordion("Words and settings", open=False):
                             words = gr.JSON(label="Words")

@@ -271,6 +271,10 @@ def test_timeline_and_history_captions_are_whole_and_distinct(page):
         cut = captions.evaluate_all("els => els.filter(e => e.scrollWidth > e.clientWidth + 1 "
                                     "|| e.scrollHeight > e.clientHeight + 1).map(e => e.innerText)")
         assert cut == [], f"{gallery} captions cut: {cut}"
+        frame = page.locator(f"#{gallery} .grid-wrap").bounding_box()
+        boxes = [c.bounding_box() for c in captions.all()]
+        assert all(frame["y"] <= b["y"] and b["y"] + b["height"] <= frame["y"] + frame["height"] for b in boxes), \
+            f"{gallery} captions out of view"
     texts = page.locator("#history .caption-label").all_inner_texts()
     assert "green" in texts[0] and "blue" in texts[1]
     timeline = page.locator("#timeline .caption-label").all_inner_texts()
