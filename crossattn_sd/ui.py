@@ -24,6 +24,7 @@ import asyncio
 import functools
 import html
 import inspect
+import math
 import signal
 import threading
 from collections.abc import Callable
@@ -31,21 +32,34 @@ from pathlib import Path
 
 import gradio as gr
 from gradio.data_classes import FileData
+from PIL import Image
 
 from .bundles import MAX_BUNDLE_BYTES
 from .service import MAX_SEED, AttentionService, Comparison, Entry, GenerateRequest
 
 QUEUE_SIZE = 32  # requests waiting beyond this are refused ("queue full") rather than piling up
-INSPECT_CONCURRENCY = 4  # inspection handlers running at once; generation always runs one at a time
 MAX_UPLOAD_BYTES = MAX_BUNDLE_BYTES  # Gradio refuses larger uploads before they reach a handler
 NOT_UPLOADED = ("the bundle must be a .zip uploaded to this server (gradio_client: handle_file(path); the raw "
                 "API: POST /gradio_api/upload, then pass the FileData it returns); a server path is not read")
+DISPLAY_SIDE = 256  # the clickable map panels are sent at least this large (their frame is 240 pixels high)
+NO_LAYER = ("No layer is ticked, so there is no map to draw: tick a resolution (it ticks its layers) or a "
+            "layer.")
+SETTINGS = ("prompt", "negative_prompt", "seed", "steps", "guidance", "width", "height", "scheduler", "mode",
+            "processor", "weights", "edit_prompt", "inject", "per_step", "processor_layers")  # the Generate inputs
+INSPECT_CONCURRENCY = 4  # inspection handlers running at once; generation always runs one at a time
 THEME = gr.themes.Soft(primary_hue="indigo", neutral_hue="slate",
                        font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
 CSS = """
 /* Small models make small images: scale them up to the frame (Gradio's default, scale-down, never
-   enlarges), without blurring the map's cells. */
+   enlarges), without blurring the map's cells. The clickable map panels (.readable) are sent enlarged instead
+   (`enlarged`): Gradio computes a click's pixel as if the browser never enlarged an image. */
 .pixelated img { image-rendering: pixelated; object-fit: contain !important; }
+.readable img { image-rendering: pixelated; }
+/* Gallery captions: whole, wrapped, instead of one line cut short; the history keeps four columns however few
+   entries it has (Gradio stretches one or two to the gallery's width, pushing their captions out of view). */
+#timeline .caption-label, #history .caption-label { white-space: normal; max-width: calc(100% - 8px);
+  overflow-wrap: anywhere; font-size: 0.75em; line-height: 1.2; }
+#history .grid-container { grid-template-columns: repeat(4, minmax(100px, 1fr)) !important; }
 #title h1 { margin-bottom: 0; }
 #colorbar .bar { height: 12px; border-radius: 3px; }
 #colorbar .ends { display: flex; justify-content: space-between; font-size: 0.8em; opacity: 0.8; }
@@ -84,6 +98,21 @@ def Slider(*args, **kwargs) -> gr.Slider:  # noqa: N802 (stands in for the compo
 
 def Number(*args, **kwargs) -> gr.Number:  # noqa: N802
     return _naming_range_errors(gr.Number(*args, **kwargs))
+
+
+def display_scale(size: tuple[int, int]) -> int:
+    """How many times a map panel enlarges an image of this (width, height): the smallest whole factor that
+    makes its longer side at least DISPLAY_SIDE (1 for an SD image)."""
+    return max(1, math.ceil(DISPLAY_SIDE / max(size)))
+
+
+def enlarged(image: Image.Image | None) -> Image.Image | None:
+    """`image` enlarged `display_scale` times without blurring, for a panel whose clicks are read: Gradio's click
+    index is in the pixels of the image sent, as the browser shows it scaled down or not at all."""
+    if image is None:
+        return None
+    k = display_scale(image.size)
+    return image if k == 1 else image.resize((image.width * k, image.height * k), Image.NEAREST)
 
 
 def _user_error(err: Exception):
@@ -230,29 +259,62 @@ class Handlers:
         outputs folder may be anywhere)."""
         return [(str(self.service.files(e).image_path), e.caption) for e in history or []]
 
+    @staticmethod
+    def _key(entry: Entry) -> str:
+        """Which entry and image are on show (an edit's two images have their own words)."""
+        return f"{entry.folder}#{entry.index}"
+
+    @staticmethod
+    def _word_chips(entry: Entry, c, word: str | None = None):
+        """The word chips of the image on show; the chosen word stays if this prompt has it."""
+        two = len(entry.result.images) > 1
+        whose = ("the edited prompt" if entry.index else "the source prompt") if two else "the prompt"
+        info = f"click a word of {whose}" if entry.has_maps else "the default processor records no maps"
+        if not entry.has_maps:  # the words, none chosen: there is no map of any
+            return gr.update(choices=c.words, value=None, interactive=False, info=info)
+        return gr.update(choices=c.words, value=word if word in c.words else c.default_word, interactive=True,
+                         info=info)
+
     def show(self, entry: Entry | None, history, shown: str | None):
         """Fill the word chips and filters with what the entry recorded (unless it is already on show: a
-        stopped run or a click on the current entry keeps the chosen word and filters)."""
-        if entry is None or str(entry.folder) == shown:
+        stopped run or a click on the current entry keeps the chosen word and filters). The layer ticks are
+        what is drawn: the default view ticks its resolutions and exactly their layers."""
+        if entry is None or self._key(entry) == shown:
             return gr.skip()
         c = self.service.choices(entry)
         n = max(c.num_steps, 1)
         steps = dict(minimum=1, maximum=max(n, 2), interactive=c.has_steps)
         settings = {**entry.result.settings, "dropped_words": entry.dropped_words}
+        images = entry.result.images
+        edit = len(images) > 1
         return (
             self.service.describe(entry),
-            gr.update(choices=c.words, value=c.default_word),
-            gr.update(choices=c.layers, value=[name for _, name in c.layers]),
-            gr.update(choices=c.resolutions, value=c.default_resolutions),
+            self._word_chips(entry, c),
+            gr.update(choices=c.layers, value=c.default_layers, interactive=entry.has_maps),
+            gr.update(choices=c.resolutions, value=c.default_resolutions, interactive=entry.has_maps),
             gr.update(value=1, **steps),
             gr.update(value=n, **steps),
-            gr.update(choices=["mean", *map(str, range(c.heads))], value="mean"),
+            gr.update(choices=["mean", *map(str, range(c.heads))], value="mean", interactive=bool(c.heads)),
             self.gallery(history),
             settings,
             "",
             entry.prompt_words,
-            str(entry.folder),
+            self._key(entry),
+            gr.update(value=images[0] if edit else None, visible=edit),
+            gr.update(choices=[(f"edited: {entry.result.alignments[-1].prompt}", len(images) - 1),
+                               (f"source: {entry.result.alignments[0].prompt}", 0)] if edit else [],
+                      value=entry.index, visible=edit),
+            gr.update(label="Edited image" if edit else "Image"),
         )
+
+    def switch(self, entry: Entry | None, index, word):
+        """The edit's other image on show: its prompt's word chips (the chosen word stays if it has it), words
+        and notes; the filters stay (both images' maps come from one run)."""
+        if entry is None or index is None:
+            return gr.skip()
+        entry = entry.showing(int(index))
+        return (entry, self.service.describe(entry), self._word_chips(entry, self.service.choices(entry), word),
+                entry.prompt_words, self._key(entry))
 
     @_user_errors
     def pick(self, history, evt: gr.SelectData):
@@ -266,6 +328,13 @@ class Handlers:
         history = self.service.add_to_history(history, entry)
         return entry, history, entry.image, str(entry.bundle)
 
+    def restore_settings(self, entry: Entry | None):
+        """The settings an opened bundle recorded, into the Generate controls (those this server accepts)."""
+        if entry is None:
+            return gr.skip()
+        kept = self.service.recorded_settings(entry)
+        return [kept.get(name, gr.skip()) for name in SETTINGS]
+
     # -- inspection ------------------------------------------------------------------------------------------
 
     def filters(self, layers, resolutions, step_from, step_to, head, alpha, cmap):
@@ -273,15 +342,57 @@ class Handlers:
         return self.service.filters(layers, resolutions, int(step_from or 1) - 1, int(step_to or 0) - 1, head,
                                     alpha, cmap)
 
+    def ticked_layers(self, entry: Entry | None, resolutions):
+        """Ticking resolutions ticks exactly their layers (the layer ticks are what is drawn)."""
+        if entry is None:
+            return gr.skip()
+        return self.service.choices(entry).layers_at(resolutions or [])
+
+    def ticked_resolutions(self, entry: Entry | None, layers):
+        """Ticking layers ticks the resolutions all of whose layers are ticked."""
+        if entry is None:
+            return gr.skip()
+        return self.service.choices(entry).resolutions_of(layers or [])
+
+    def step_range(self, moved: str, entry: Entry | None, step_from, step_to, head):
+        """Keep From <= To once a slider is let go: the other one moves along (clamped to the run's steps; a typed
+        value past them is clamped too, as the slider shows it). A range narrower than every step draws the mean
+        of the heads (per-step maps are head-averaged): the Heads box says so and waits. Runs without Gradio's
+        preprocessing (`preprocess=False`), whose bound check would reject a typed value before it is clamped."""
+        if entry is None:
+            return gr.skip()
+        c = self.service.choices(entry)
+        n = max(c.num_steps, 1)
+        clamp = lambda v: min(n, max(1, int(round(float(v))) if v not in (None, "") else 1))  # noqa: E731
+        lo, hi = clamp(step_from), clamp(step_to if step_to not in (None, "") else n)
+        if lo > hi:
+            lo, hi = (lo, lo) if moved == "from" else (hi, hi)
+        every = lo == 1 and hi == n
+        heads = gr.update(interactive=bool(c.heads)) if every else gr.update(value="mean", interactive=False)
+        return lo, hi, heads
+
+    def _nothing(self, tab: str, why: str):
+        """The inspect outputs when no map can be drawn: empty panels and the reason in place of the summary."""
+        return (None, None, why, "", None if tab == "grid" else gr.skip(), None if tab == "timeline" else gr.skip(),
+                None if tab == "timeline" else gr.skip())
+
     @_user_errors
     def inspect(self, entry: Entry | None, tab: str, word, layers, resolutions, step_from, step_to, head, alpha,
                 cmap):
         """Redraw the word's overlay, map and summary, and the all-words grid or the timeline only when its tab
-        is on show (they take several times longer; selecting the tab draws them)."""
+        is on show (they take several times longer; selecting the tab draws them). The ticked layers are what is
+        drawn; what cannot be drawn is said in place of the maps (no error: it would repeat on every change)."""
         if entry is None:
             return gr.skip()
-        view = self.service.inspect(entry, word, self.filters(layers, resolutions, step_from, step_to, head, alpha,
-                                                              cmap), grid=tab == "grid", timeline=tab == "timeline")
+        if not entry.has_maps:
+            return self._nothing(tab, self.service.inspect(entry, word).summary)
+        if not layers:
+            return self._nothing(tab, NO_LAYER)
+        try:
+            view = self.service.inspect(entry, word, self.filters(layers, None, step_from, step_to, head, alpha,
+                                                                  cmap), grid=tab == "grid", timeline=tab == "timeline")
+        except ValueError as err:
+            return self._nothing(tab, f"Nothing to draw: {err}.")
         grid = gr.skip()
         if tab == "grid":  # a file: Gradio would encode the large grid at a slower PNG level
             grid = None if view.grid is None else str(self.service.png_file(view.grid))
@@ -289,23 +400,36 @@ class Handlers:
         if tab == "timeline":
             frames = [(str(self.service.png_file(im)), caption) for im, caption in view.frames or []] or None
             gif = None if view.animation is None else str(view.animation)
-        return view.overlay, view.heatmap, view.summary, colorbar_html(view.colorbar), grid, frames, gif
+        return (enlarged(view.overlay), enlarged(view.heatmap), view.summary, colorbar_html(view.colorbar), grid,
+                frames, gif)
 
-    @_user_errors
     def read_value(self, entry: Entry | None, word, layers, resolutions, step_from, step_to, head, alpha, cmap,
                    evt: gr.SelectData):
-        if entry is None:
+        """The map's value under a click. The panels show the map enlarged `display_scale` times (Gradio's click
+        index is in the pixels of the image it was sent, never enlarged by the browser), so the index is divided
+        back to the map's pixel."""
+        if entry is None or evt.index is None:
             return gr.skip()
-        x, y = evt.index
-        return self.service.value_at(entry, word, self.filters(layers, resolutions, step_from, step_to, head,
-                                                               alpha, cmap), int(x), int(y))
+        if not entry.has_maps or not layers:
+            return ""
+        k = display_scale(entry.image.size)
+        x, y = (int(v) // k for v in evt.index)
+        try:
+            return self.service.value_at(entry, word, self.filters(layers, None, step_from, step_to, head, alpha,
+                                                                   cmap), x, y)
+        except ValueError as err:
+            return f"Nothing to read: {err}."
 
-    @_user_errors
     def compare_maps(self, cmp: Comparison | None, word, layers, resolutions, step_from, step_to, head, alpha, cmap):
+        """A's and B's maps of one word with the ticked layers (none ticked: the model's default view); what
+        cannot be drawn is said in the note."""
         if cmp is None:
             return [gr.skip()] * 4
-        return self.service.compare_maps(cmp, word, self.filters(layers, resolutions, step_from, step_to, head,
-                                                                 alpha, cmap))
+        try:
+            return self.service.compare_maps(cmp, word, self.filters(layers or None, None, step_from, step_to, head,
+                                                                     alpha, cmap))
+        except ValueError as err:
+            return cmp.a.image, cmp.b.image, None, f"No map difference: {err}."
 
     @_user_errors
     def heatmap(self, bundle: FileData, word: str, layers: str = "", resolutions: str = "", step_from: int = 0,
@@ -361,6 +485,9 @@ def build_demo(service: AttentionService) -> gr.Blocks:
     d = service.defaults()
     h = Handlers(service)
     pixel = dict(type="pil", format="png", interactive=False, elem_classes="pixelated", height=240)
+    # Map panels are sent enlarged (`enlarged`), so a click reads its pixel; no corner buttons over the map (the
+    # bundle holds the maps).
+    readable = {**pixel, "elem_classes": "readable", "buttons": []}
     # Gradio copies every image it sends into its cache; a server runs for weeks: drop copies a day old.
     with gr.Blocks(title="crossattn-sd", delete_cache=(3600, 86400)) as demo:
         current = gr.State(None)  # the Entry on show
@@ -382,7 +509,8 @@ def build_demo(service: AttentionService) -> gr.Blocks:
                     gr.Examples([[e] for e in d.examples], inputs=[prompt], label="Example prompts")
                 with gr.Accordion("Image settings", open=True):
                     with gr.Row(equal_height=True):
-                        seed = Number(0, label="Seed", precision=0, minimum=0, maximum=MAX_SEED, scale=4)
+                        seed = Number(0, label="Seed", precision=0, minimum=0, maximum=MAX_SEED, scale=4,
+                                      elem_id="seed")
                         dice = gr.Button("Random", scale=1, min_width=90)
                     with gr.Row():
                         steps = Slider(1, d.max_steps, d.steps, step=1, label="Steps")
@@ -402,23 +530,28 @@ def build_demo(service: AttentionService) -> gr.Blocks:
                                     info="exact: same image as Diffusers; explicit: probabilities @ values")
                     weights = gr.Textbox("", label="Word weights", placeholder="circle:2, red:0.5", visible=False,
                                          info="word:weight pairs; 1 leaves a word alone, 0 removes it")
-                    edit_prompt = gr.Textbox("", label="Edited prompt", visible=False,
+                    edit_prompt = gr.Textbox("", label="Edited prompt", visible=False, elem_id="edit-prompt",
                                              placeholder="the prompt with a word changed")
                     inject = Slider(0, 1, 0.8, step=0.05, label="Injection", visible=False,
                                        info="fraction of steps that reuse the source's maps")
                     processor_layers = gr.Textbox("*", label="Apply to layers", elem_id="processor-layers",
-                                                  info="'*' for all; layer patterns such as 'up_blocks.*' or map "
-                                                       "sizes such as '16', comma-separated")
+                                                  # one star only: Gradio's info text turns *a pair* into italics
+                                                  # and has no escape (a backslash shows, the stars still go)
+                                                  info="the default is every layer; or comma-separated layer patterns "
+                                                       "such as 'up_blocks.*' or map sizes such as '16'")
 
             with gr.Column(scale=6, min_width=420):
                 status = gr.Markdown("Generate an image, then click a word to see where it went.", elem_id="status")
+                which = gr.Radio([], label="Maps of", visible=False, elem_id="which-image",
+                                 info="an edit made two images: the chips and maps belong to the one chosen here")
                 word = gr.Radio([], label="Word", info="click a word of the prompt", elem_id="word-chips")
                 with gr.Tabs():
                     with gr.Tab("Heat map") as map_tab:
                         with gr.Row():
+                            other = gr.Image(label="Source image", visible=False, elem_id="other-image", **pixel)
                             image = gr.Image(label="Image", elem_id="image", **pixel)
-                            overlay = gr.Image(label="Overlay", elem_id="overlay", **pixel)
-                            heat = gr.Image(label="Map", elem_id="map", **pixel)  # the summary says: click to read
+                            overlay = gr.Image(label="Overlay", elem_id="overlay", **readable)
+                            heat = gr.Image(label="Map", elem_id="map", **readable)  # the summary says: click to read
                         colorbar = gr.HTML(elem_id="colorbar")
                         summary = gr.Markdown(elem_id="summary")
                         readout = gr.Markdown(elem_id="readout")
@@ -452,22 +585,24 @@ def build_demo(service: AttentionService) -> gr.Blocks:
                         with gr.Row(equal_height=True):
                             bundle = gr.File(label="Map bundle: image.png, maps.npz, meta.json, attention.safetensors",
                                              interactive=False, elem_id="bundle", scale=3)
-                            upload = gr.UploadButton("Open a bundle (.zip)", file_types=[".zip"], scale=1)
-                        gallery = gr.Gallery(label="This session (click to inspect)", columns=6, height=220,
+                            upload = gr.UploadButton("Open a bundle (.zip)", file_types=[".zip"], scale=1,
+                                                     elem_id="upload")
+                        gallery = gr.Gallery(label="This session (click to inspect)", columns=4, height=400,
                                              allow_preview=False, elem_id="history", elem_classes="pixelated")
                         with gr.Accordion("Words and settings", open=False):
                             words = gr.JSON(label="Words")
                             settings = gr.JSON(label="Settings")
                 with gr.Accordion("Map filters", open=True):
                     with gr.Row():
-                        layers = gr.CheckboxGroup([], label="Layers", scale=3)
-                        resolutions = gr.CheckboxGroup([], label="Resolutions", scale=1)
+                        layers = gr.CheckboxGroup([], label="Layers", scale=3, elem_id="layers")
+                        resolutions = gr.CheckboxGroup([], label="Resolutions", scale=1, elem_id="resolutions")
                     with gr.Row():
-                        step_from = Slider(1, 2, 1, step=1, label="From step", interactive=False)
-                        step_to = Slider(1, 2, 2, step=1, label="To step", interactive=False)
-                        head = gr.Dropdown(["mean"], value="mean", label="Heads")
+                        step_from = Slider(1, 2, 1, step=1, label="From step", interactive=False, elem_id="step-from")
+                        step_to = Slider(1, 2, 2, step=1, label="To step", interactive=False, elem_id="step-to")
+                        head = gr.Dropdown(["mean"], value="mean", label="Heads", elem_id="heads",
+                                           info="one head needs every step (per-step maps are head-averaged)")
                     with gr.Row():
-                        alpha = Slider(0, 1, 0.5, step=0.05, label="Overlay opacity")
+                        alpha = Slider(0, 1, 0.5, step=0.05, label="Overlay opacity", elem_id="alpha")
                         cmap = gr.Dropdown(list(d.cmaps), value=d.cmaps[0], label="Colour map")
 
         # -- wiring ------------------------------------------------------------------------------------------
@@ -476,7 +611,7 @@ def build_demo(service: AttentionService) -> gr.Blocks:
         filters_in = [layers, resolutions, step_from, step_to, head, alpha, cmap]
         inspect_out = [overlay, heat, summary, colorbar, grid, frames, gif]
         show_out = [status, word, layers, resolutions, step_from, step_to, head, gallery, settings, readout, words,
-                    shown]
+                    shown, other, which, image]
         private = dict(api_visibility="private")
 
         processor.change(processor_options, processor, [mode, weights, edit_prompt, inject, processor],
@@ -492,8 +627,31 @@ def build_demo(service: AttentionService) -> gr.Blocks:
          .success(h.show, [current, history, shown], show_out, **private)
          .success(h.inspect, [current, tab, word, *filters_in], inspect_out, **private))
 
-        gr.on([word.input, *(c.input for c in filters_in)], h.inspect, [current, tab, word, *filters_in], inspect_out,
+        # Redraw on a change: a word, heads or colour map at once; a slider once it is let go (`release`: not on
+        # every move of a drag or every digit typed); ticks after the other filter's ticks follow them.
+        compare_maps_out = [map_a, map_b, map_diff, cmp_note]
+        at_once = [head.input, alpha.release, cmap.input]
+        gr.on([word.input, *at_once], h.inspect, [current, tab, word, *filters_in], inspect_out,
               trigger_mode="always_last", show_progress="minimal", **private)
+        gr.on([cmp_word.input, *at_once], h.compare_maps, [comparison, cmp_word, *filters_in], compare_maps_out,
+              trigger_mode="always_last", show_progress="minimal", **private)
+
+        def redraw(event):
+            (event.success(h.inspect, [current, tab, word, *filters_in], inspect_out, show_progress="minimal",
+                           **private)
+             .success(h.compare_maps, [comparison, cmp_word, *filters_in], compare_maps_out, **private))
+
+        for moved, slider in (("from", step_from), ("to", step_to)):
+            redraw(slider.release(functools.partial(h.step_range, moved), [current, step_from, step_to, head],
+                                  [step_from, step_to, head], preprocess=False, queue=False,
+                                  trigger_mode="always_last", **private))
+        redraw(resolutions.input(h.ticked_layers, [current, resolutions], layers, queue=False,
+                                 trigger_mode="always_last", **private))
+        redraw(layers.input(h.ticked_resolutions, [current, layers], resolutions, queue=False,
+                            trigger_mode="always_last", **private))
+        # An edit's two images: the chips and maps follow the one chosen.
+        redraw(which.input(h.switch, [current, which, word], [current, status, word, words, shown], queue=False,
+                           **private))
         # Switching tabs draws what the new tab shows (the grid and the timeline are drawn only when on show).
         for tab_block, name in ((compare_tab, "other"), (history_tab, "other")):
             tab_block.select(_returns(name), None, tab, queue=False, **private)
@@ -505,18 +663,17 @@ def build_demo(service: AttentionService) -> gr.Blocks:
         (gallery.select(h.pick, history, [current, image, bundle], **private)
          .success(h.show, [current, history, shown], show_out, **private)
          .success(h.inspect, [current, tab, word, *filters_in], inspect_out, **private))
+        # An opened bundle also fills the Generate controls with the settings it recorded, the prompt first.
         (upload.upload(h.open_bundle, [upload, history], [current, history, image, bundle], **private)
          .success(h.show, [current, history, shown], show_out, **private)
+         .success(h.restore_settings, current, settings_in, **private)
          .success(h.inspect, [current, tab, word, *filters_in], inspect_out, **private))
 
-        compare_maps_out = [map_a, map_b, map_diff, cmp_note]
         (cmp_btn.click(h.prepare, None, None, queue=False, trigger_mode="once", **private)
          .then(h.compare, [*settings_in, baseline, history],
                [comparison, cmp_summary, img_a, img_b, img_diff, cmp_word, history, gallery], api_name="compare",
                concurrency_limit=1, concurrency_id="pipeline", show_progress_on=[img_a, img_b, img_diff])
          .success(h.compare_maps, [comparison, cmp_word, *filters_in], compare_maps_out, **private))
-        gr.on([cmp_word.input, *(c.input for c in filters_in)], h.compare_maps, [comparison, cmp_word, *filters_in],
-              compare_maps_out, trigger_mode="always_last", show_progress="minimal", **private)
 
         gr.api(h.heatmap, api_name="heatmap")
         demo.unload(h.closed)
