@@ -214,15 +214,16 @@ def match_layers(names: Iterable[str], layers: str | Iterable[str] = "*",
     return [n for n in names if n in chosen]
 
 
-ProcessorFactory = Callable[[MapStore, str], object]
+ProcessorFactory = Callable[[MapStore, str, object], object]  # (store, layer, the layer's current processor)
 
 
 @contextmanager
 def install(unet, store: MapStore, factory: ProcessorFactory, layers: str | Iterable[str] = "*",
             latent_size: tuple[int, int] | int | None = None) -> Iterator[MapStore]:
-    """Install `factory(store, layer)` on the cross-attention layers `layers` selects (glob patterns or
+    """Install `factory(store, layer, original)` on the cross-attention layers `layers` selects (glob patterns or
     resolutions, see `match_layers`; resolutions are those of a `latent_size` latent, default the UNet's
-    `sample_size`); restore the originals on exit.
+    `sample_size`); restore the originals on exit. `original` is the layer's current processor, so a factory can
+    wrap it or refuse it (see `compose.py`).
 
     Every key of `unet.attn_processors` is filled in one `set_attn_processor` call: unmatched layers (and all
     self-attention) keep their processor. A forward pre-hook on the UNet tells the store where each UNet
@@ -243,7 +244,7 @@ def install(unet, store: MapStore, factory: ProcessorFactory, layers: str | Iter
         raise ValueError(f"layers={shown!r} matches no cross-attention layer; names look like {example} and map "
                          f"sizes are {', '.join(found) or '(none)'} (use glob patterns such as '*' or "
                          "'up_blocks.*', or resolutions such as '16')")
-    new = {key: factory(store, key.removesuffix(".processor")) if key.removesuffix(".processor") in chosen
+    new = {key: factory(store, key.removesuffix(".processor"), proc) if key.removesuffix(".processor") in chosen
            else proc for key, proc in originals.items()}
 
     def on_unet_call(module, args, kwargs):
@@ -298,6 +299,8 @@ def capture(pipe, mode: str = "exact", layers: str | Iterable[str] = "*", *, per
         raise ValueError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
     store = MapStore(per_step=per_step, keep_heads=keep_heads, max_step_bytes=max_step_bytes,
                      cfg=guidance_probe(pipe))
+    from .compose import capture_factory  # compose builds on CaptureProcessor
+
     unet = getattr(pipe, "unet", pipe)
-    with install(unet, store, lambda s, layer: CaptureProcessor(s, layer, mode), layers, latent_size):
+    with install(unet, store, capture_factory(mode), layers, latent_size):
         yield store

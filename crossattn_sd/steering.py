@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from .compose import replacing
 from .maps import DEFAULT_MAX_STEP_BYTES, MapStore
 from .processors import MODES, CaptureProcessor, capture, cross_attention_layers, guidance_probe, install
 from .tokens import PromptTokens, align_prompt
@@ -213,14 +214,14 @@ def use_processor(pipe, spec: ProcessorSpec, *, prompts: list[str], steps: int, 
         per_image = [token_weights(align_prompt(tokenizer, p), spec.weights) for p in prompts
                      for _ in range(num_images_per_prompt)]
         weights = torch.stack(per_image)
-        factory = lambda s, layer: ReweightProcessor(s, layer, weights)  # noqa: E731
+        factory = replacing("reweight", lambda s, layer: ReweightProcessor(s, layer, weights))
     else:
         if len(prompts) != 1 or num_images_per_prompt != 1:
             raise ValueError("the edit processor takes one source prompt and makes one image; got "
                              f"{len(prompts)} prompt(s) x {num_images_per_prompt} image(s)")
         mapping = edit_token_map(align_prompt(tokenizer, prompts[0]), align_prompt(tokenizer, spec.edit_prompt))
         inject_calls = round(float(spec.inject) * steps)
-        factory = lambda s, layer: EditProcessor(s, layer, mapping, inject_calls)  # noqa: E731
+        factory = replacing("edit", lambda s, layer: EditProcessor(s, layer, mapping, inject_calls))
     with install(pipe.unet, store, factory, patterns, latent_size):
         yield store
 
