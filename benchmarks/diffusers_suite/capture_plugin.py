@@ -17,6 +17,7 @@ Load it with `-p capture_plugin` (this folder and the crossattn-sd checkout on P
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import tempfile
 import threading
@@ -29,6 +30,7 @@ WORDS = ["a", "painting", "of", "squirrel", "eating", "burger", "the", "and", "p
 
 _state = threading.local()
 _stats: dict[str, dict[str, int]] = {}
+_hashes: dict[str, list[str]] = {}  # test -> a hash of each pipeline call's output, in call order
 _current: list[str] = [""]
 _patched: dict[type, object] = {}
 _local_tokenizers: dict[str, str] = {}
@@ -104,32 +106,66 @@ def _capturable(pipe) -> bool:
     return unet is not None and hasattr(unet, "attn_processors") and bool(cross_attention_layers(unet))
 
 
-def _wrap(cls) -> None:
+def _digest(obj, h) -> None:
+    """Feed a pipeline output (tensors, arrays, PIL images, nested in outputs, dicts, lists) into hash `h`."""
+    import numpy as np
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach()
+        h.update(str(t.dtype).encode() + bytes(str(tuple(t.shape)), "ascii"))
+        if t.is_meta:
+            return
+        t = t.cpu()
+        h.update((t.float() if t.dtype == torch.bfloat16 else t).contiguous().numpy().tobytes())
+    elif isinstance(obj, np.ndarray):
+        h.update(str(obj.dtype).encode() + bytes(str(obj.shape), "ascii") + np.ascontiguousarray(obj).tobytes())
+    elif hasattr(obj, "tobytes") and hasattr(obj, "mode"):  # PIL image
+        h.update(obj.mode.encode() + bytes(str(obj.size), "ascii") + obj.tobytes())
+    elif isinstance(obj, dict):  # BaseOutput is an OrderedDict
+        for key, value in obj.items():
+            h.update(str(key).encode())
+            _digest(value, h)
+    elif isinstance(obj, (list, tuple)):
+        for value in obj:
+            _digest(value, h)
+    else:
+        h.update(repr(obj).encode() if isinstance(obj, (type(None), bool, int, float, str)) else type(obj).__name__.encode())
+
+
+def _wrap(cls, capture: bool) -> None:
     original = cls.__dict__["__call__"]
 
     @functools.wraps(original)
     def __call__(self, *args, **kwargs):
         import crossattn_sd
 
-        if getattr(_state, "depth", 0) or not _capturable(self):
+        if getattr(_state, "depth", 0):  # a pipeline called by a pipeline: only the outer call is wrapped
             return original(self, *args, **kwargs)
         stats = _stats.setdefault(_current[0], {"captured_calls": 0, "calls_with_maps": 0})
-        stats["captured_calls"] += 1
         _state.depth = 1
         try:
-            with crossattn_sd.capture(self, mode="exact") as maps:
+            if capture and _capturable(self):
+                stats["captured_calls"] += 1
+                with crossattn_sd.capture(self, mode="exact") as maps:
+                    out = original(self, *args, **kwargs)
+                stats["calls_with_maps"] += bool(maps.layers)
+            else:
                 out = original(self, *args, **kwargs)
         finally:
             _state.depth = 0
-        stats["calls_with_maps"] += bool(maps.layers)
+        h = hashlib.sha1()
+        _digest(out, h)
+        _hashes.setdefault(_current[0], []).append(h.hexdigest()[:16])
         return out
 
     _patched[cls] = original
     cls.__call__ = __call__
 
 
-def _patch_pipelines() -> None:
-    """Wrap `__call__` of every imported DiffusionPipeline subclass that defines one (idempotent)."""
+def _patch_pipelines(capture: bool) -> None:
+    """Wrap `__call__` of every imported DiffusionPipeline subclass that defines one (idempotent): hash every
+    output, and with `capture` run the call inside `crossattn_sd.capture`."""
     from diffusers import DiffusionPipeline
 
     todo = [DiffusionPipeline]
@@ -137,7 +173,7 @@ def _patch_pipelines() -> None:
         cls = todo.pop()
         todo.extend(cls.__subclasses__())
         if cls not in _patched and "__call__" in cls.__dict__:
-            _wrap(cls)
+            _wrap(cls, capture)
 
 
 def _unpatch_pipelines() -> None:
@@ -149,6 +185,7 @@ def _unpatch_pipelines() -> None:
 # -- hooks ---------------------------------------------------------------------------------------------------
 
 _outcomes: dict[str, str] = {}
+_reasons: dict[str, str] = {}  # the first line of each failure's exception
 
 
 def pytest_configure(config):
@@ -158,8 +195,7 @@ def pytest_configure(config):
 
 def pytest_runtest_setup(item):
     _current[0] = item.nodeid
-    if item.config.getoption("--crossattn-capture"):
-        _patch_pipelines()  # classes imported since the last test are wrapped too
+    _patch_pipelines(item.config.getoption("--crossattn-capture"))  # classes imported since the last test too
 
 
 def pytest_runtest_logreport(report):
@@ -169,6 +205,9 @@ def pytest_runtest_logreport(report):
             outcome = "error"
         if _outcomes.get(report.nodeid) in (None, "passed"):
             _outcomes[report.nodeid] = outcome
+            crash = getattr(report.longrepr, "reprcrash", None)
+            if outcome in ("failed", "error") and crash is not None:
+                _reasons[report.nodeid] = crash.message.splitlines()[0][:200]
 
 
 def pytest_unconfigure(config):
@@ -176,12 +215,11 @@ def pytest_unconfigure(config):
     path = config.getoption("--crossattn-outcomes")
     if path:
         data = {"capture": bool(config.getoption("--crossattn-capture")), "outcomes": _outcomes,
-                "capture_stats": _stats}
+                "reasons": _reasons, "capture_stats": _stats, "output_hashes": _hashes}
         Path(path).write_text(json.dumps(data, indent=1, sort_keys=True))
     config._crossattn_tmp.cleanup()
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_finish(session):
-    if session.config.getoption("--crossattn-capture"):
-        _patch_pipelines()
+    _patch_pipelines(session.config.getoption("--crossattn-capture"))

@@ -76,18 +76,30 @@ def main(argv=None) -> int:
     print(f"  plain:    {len(p_out)} tests: {summary(p_out)}  ({plain_wall:.0f} s)")
     print(f"  captured: {len(c_out)} tests: {summary(c_out)}  ({cap_wall:.0f} s; {calls} pipeline calls "
           f"captured in {sum(bool(s['captured_calls']) for s in stats.values())} tests, {with_maps} recorded maps)")
+    p_hash, c_hash = plain.get("output_hashes", {}), captured.get("output_hashes", {})
+    both = [t for t in p_hash if t in c_hash]
+    differ = [t for t in both if p_hash[t] != c_hash[t]]
+    compared = sum(min(len(p_hash[t]), len(c_hash[t])) for t in both)
+    print(f"  outputs:  {compared} pipeline calls in {len(both)} tests compared; bit-identical in "
+          f"{len(both) - len(differ)} tests" + (f", DIFFERENT in {len(differ)}" if differ else ""))
+    for t in differ:
+        same = sum(a == b for a, b in zip(p_hash[t], c_hash[t]))
+        print(f"  outputs differ: {short(t)} ({same} of {len(p_hash[t])} plain / {len(c_hash[t])} captured calls equal)")
     lost, gained = sorted(p_pass - c_pass), sorted(c_pass - p_pass)
     for name, tests in (("passed plain only", lost), ("passed captured only", gained)):
         for t in tests:
             print(f"  {name}: {short(t)} (plain {p_out.get(t, 'absent')}, captured {c_out.get(t, 'absent')})")
     if args.list:
+        reasons = {**plain.get("reasons", {}), **captured.get("reasons", {})}
         for t in sorted(set(p_out) | set(c_out)):
-            print(f"    {p_out.get(t, '-'):8} {c_out.get(t, '-'):8} {short(t)}")
+            why = f"  ({reasons[t]})" if t in reasons else ""
+            print(f"    {p_out.get(t, '-'):8} {c_out.get(t, '-'):8} {short(t)}{why}")
     same = not lost and not gained
     print("  same pass set" if same else f"  DIFFERENT pass sets: {len(lost)} lost, {len(gained)} gained")
     if args.json:
         Path(args.json).write_text(json.dumps({"module": args.module, "k": args.k, "plain": plain,
-                                               "captured": captured, "lost": lost, "gained": gained}, indent=1))
+                                               "captured": captured, "lost": lost, "gained": gained,
+                                               "outputs_differ": differ}, indent=1))
     return 0 if same else 1
 
 
