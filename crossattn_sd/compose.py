@@ -106,8 +106,10 @@ class CaptureWrapper(torch.nn.Module):
         call.__signature__ = signature
         self.__dict__["__call__"] = call
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
-        out = self.original(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
+        # `Attention.forward` passes everything but `attn` and `hidden_states` by keyword; so does the wrapper
+        out = self.original(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
+                            attention_mask=attention_mask, **kwargs)
         text = encoder_hidden_states
         if isinstance(text, tuple):  # IP-Adapter: (text states, [image-prompt states])
             text = text[0]
@@ -115,9 +117,8 @@ class CaptureWrapper(torch.nn.Module):
             text = text[:, : text.shape[1] - self.original.num_tokens[0]]
         if text is None:
             return out  # called as self-attention: nothing to record
-        temb = args[0] if args else kwargs.get("temb")
         with torch.no_grad():
-            query, key, mask = text_query_key(attn, hidden_states, text, attention_mask, temb)
+            query, key, mask = text_query_key(attn, hidden_states, text, attention_mask, kwargs.get("temb"))
         rec = self.store.conditional(query.shape[0])
         self.store.record_attention(self.layer, query[rec], key[rec], None if mask is None else mask[rec], attn.scale)
         return out
