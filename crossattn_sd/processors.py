@@ -181,5 +181,6 @@ def capture(pipe, mode: str = "exact", layers: str | Iterable[str] = "*", *, per
     store = MapStore(per_step=per_step, keep_heads=keep_heads, max_step_bytes=max_step_bytes,
                      cfg=guidance_probe(pipe))
     family = family_of(pipe)
-    with install(family, store, lambda s, layer: family.processor(s, layer, mode), layers, latent_size):
+    with install(family, store, lambda s, layer, original: family.processor(s, layer, mode, original), layers,
+                 latent_size):
         yield store

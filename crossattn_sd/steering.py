@@ -201,7 +201,7 @@ def use_processor(pipe, spec: ProcessorSpec, *, prompts: list[str], steps: int, 
                              f"{len(prompts)} prompt(s) x {num_images_per_prompt} image(s)")
         mapping = edit_token_map(align(prompts[0]), align(spec.edit_prompt))
         steering = Steering(token_map=mapping, inject_calls=round(float(spec.inject) * steps))
-    factory = lambda s, layer: family.processor(s, layer, spec.mode, steering=steering)  # noqa: E731
+    factory = lambda s, layer, original: family.processor(s, layer, spec.mode, original, steering)  # noqa: E731
     with install(family, store, factory, patterns, latent_size):
         yield store
 

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-CORE = ["crossattn_sd", "crossattn_sd.processors", "crossattn_sd.maps", "crossattn_sd.tokens",
+CORE = ["crossattn_sd", "crossattn_sd.processors", "crossattn_sd.compose", "crossattn_sd.maps", "crossattn_sd.tokens",
         "crossattn_sd.pipeline", "crossattn_sd.result", "crossattn_sd.overlay", "crossattn_sd.steering",
         "crossattn_sd.cli", "crossattn_sd.config"]
 

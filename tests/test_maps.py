@@ -139,7 +139,7 @@ def test_guidance_keeps_only_the_conditional_half(sd_pipe):
     assert cond.num_images == 2  # the number of images, not the UNet batch (4)
 
     everything = MapStore(cfg=False)  # record the whole [unconditional, conditional] batch
-    with install(sd_pipe.unet, everything, lambda s, layer: CaptureProcessor(s, layer)):
+    with install(sd_pipe.unet, everything, lambda s, layer, _original: CaptureProcessor(s, layer)):
         call(sd_pipe, PROMPTS, latents)
     assert everything.num_images == 4
     for layer in cond.layers:
@@ -218,7 +218,7 @@ def test_deferred_softmax_records_the_same_maps(sd_pipe, defer_bytes):
         assert batched.resolutions() == [(16, 24), (8, 12)]  # ...until something reads the maps
         assert not batched._pending and len(batched.layers) == 7
     other = MapStore(per_step=True, keep_heads=True, cfg=guidance_probe(sd_pipe), defer_bytes=defer_bytes)
-    with install(sd_pipe.unet, other, lambda s, layer: CaptureProcessor(s, layer)):
+    with install(sd_pipe.unet, other, lambda s, layer, _original: CaptureProcessor(s, layer)):
         call(sd_pipe, PROMPTS, latents, steps=3)
     assert other.layers == batched.layers and other.counts == batched.counts == {l: 3 for l in other.layers}
     for layer in batched.layers:

@@ -92,7 +92,7 @@ def test_each_cross_attention_processor_runs_once_per_unet_call(sd_pipe, guidanc
     hook = unet.register_forward_pre_hook(lambda *_: unet_calls.append(1))
     made = []
 
-    def factory(store, layer):
+    def factory(store, layer, _original):
         made.append(CountingProcessor(store, layer))
         return made[-1]
 

@@ -201,7 +201,12 @@ class UNetFamily(Family):
         return tuple(sample.shape[-2:]), timestep
 
     def processor(self, store, layer, mode="exact", original=None, steering=None):
-        return CaptureProcessor(store, layer, mode, steering)
+        """Replace Diffusers' default processor; wrap or refuse any other (IP-Adapter, xformers, ...: `compose`)."""
+        if original is None:
+            return CaptureProcessor(store, layer, mode, steering)
+        from ..compose import unet_processor
+
+        return unet_processor(store, layer, mode, original, steering)
 
     def text_positions(self, pipe, prompt, part=None, max_sequence_length=None):
         """The first tokenizer's positions (SDXL joins its two encoders' states position by position)."""

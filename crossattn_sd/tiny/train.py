@@ -323,7 +323,7 @@ class TrainingAttention:
 def record_attention(unet, recorder: TrainingAttention):
     """Context manager: the UNet's cross-attention layers compute the seed formula explicitly and hand their
     probabilities to `recorder`; the original processors are restored on exit."""
-    return install(unet, recorder, lambda store, layer: CaptureProcessor(store, layer, "explicit"))
+    return install(unet, recorder, lambda store, layer, _original: CaptureProcessor(store, layer, "explicit"))
 
 
 def grounding_loss(maps: list[torch.Tensor], masks: torch.Tensor, owners: torch.Tensor,
