@@ -111,3 +111,28 @@ def sd_pipe_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-sd")
     tiny_sd_pipeline().save_pretrained(path)
     return path
+
+
+class RaiseInsideForward:
+    """Raise from inside the UNet's forward pass, after some cross-attention layers have run: a forward hook on
+    the last cross-attention layer raises on its `on_call`-th call (1 = the first UNet call). Records the processor
+    that layer ran with, so a test can check that ours were installed at that moment."""
+
+    def __init__(self, unet, on_call: int = 1):
+        from crossattn_sd.processors import cross_attention_layers
+
+        self.module = unet.get_submodule(cross_attention_layers(unet)[-1])
+        self.on_call, self.calls, self.processor_seen = on_call, 0, None
+
+    def __call__(self, module, args, output):
+        self.calls += 1
+        if self.calls == self.on_call:
+            self.processor_seen = module.processor
+            raise RuntimeError("boom inside the forward pass")
+
+    def __enter__(self):
+        self.handle = self.module.register_forward_hook(self)
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import tiny_tokenizer
+from conftest import RaiseInsideForward, tiny_tokenizer
 
 from crossattn_sd.config import load_presets
 from crossattn_sd.processors import CaptureProcessor, capture, cross_attention_layers, layer_sizes
@@ -110,13 +110,17 @@ def test_each_processor_installs_on_exactly_the_cross_attention_layers_and_resto
     assert all(after[key] is before[key] for key in before)
 
 
-def test_processors_are_restored_after_an_error_in_the_forward_pass():
+@pytest.mark.parametrize("name", ["capture-exact", "capture-explicit", "reweight", "edit"])
+def test_processors_are_restored_after_an_error_in_the_forward_pass(name):
     unet = meta_unet("sd15")
     before = dict(unet.attn_processors)
-    with pytest.raises(RuntimeError, match="boom"):
-        with capture(unet):
-            raise RuntimeError("boom")
+    with RaiseInsideForward(unet) as boom:  # the last cross-attention layer raises; fifteen others have run
+        with pytest.raises(RuntimeError, match="boom inside the forward pass"):
+            with use(unet, name):
+                meta_forward(unet, (8, 8), batch=2)
+    assert isinstance(boom.processor_seen, CaptureProcessor)
     assert all(unet.attn_processors[key] is proc for key, proc in before.items())
+    assert not unet._forward_pre_hooks
 
 
 # -- map sizes from shapes-only forward passes ---------------------------------------------------------------

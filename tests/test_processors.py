@@ -4,6 +4,7 @@ import pytest
 import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 
+from conftest import RaiseInsideForward
 from crossattn_sd.maps import MapStore
 from crossattn_sd.processors import CaptureProcessor, capture, cross_attention_layers, install
 
@@ -131,13 +132,15 @@ def test_self_attention_untouched_every_key_filled_and_restored(sd_pipe):
     assert store.counts  # the processors seen inside really recorded
 
 
-def test_processors_restored_after_an_exception(sd_pipe):
+@pytest.mark.parametrize("mode", ["exact", "explicit"])
+def test_processors_restored_after_an_error_inside_the_forward_pass(sd_pipe, mode):
     unet = sd_pipe.unet
     before = dict(unet.attn_processors)
-    with pytest.raises(RuntimeError, match="boom"):
-        with capture(sd_pipe):
-            run(sd_pipe, 1.0, steps=1)
-            raise RuntimeError("boom")
+    with RaiseInsideForward(unet, on_call=2) as boom:  # the second UNet call: one step ran, one is cut short
+        with pytest.raises(RuntimeError, match="boom inside the forward pass"):
+            with capture(sd_pipe, mode):
+                run(sd_pipe, 1.0, steps=3)
+    assert isinstance(boom.processor_seen, CaptureProcessor)  # it raised while ours were installed
     after = dict(unet.attn_processors)
     assert after.keys() == before.keys()
     assert all(after[k] is before[k] for k in before)
