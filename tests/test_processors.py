@@ -31,11 +31,15 @@ def test_exact_mode_images_are_bit_identical_to_diffusers(sd_pipe, guidance, hei
 
 
 @pytest.mark.parametrize("height,width", SIZES)
-def test_explicit_mode_images_match_within_1e_4(sd_pipe, height, width):
-    reference = run(sd_pipe, 3.0, height, width)
+@pytest.mark.parametrize("guidance", [1.0, 3.0])
+def test_explicit_mode_images_match_within_2e_6(sd_pipe, guidance, height, width):
+    """`probs @ V` computed by hand rounds differently from SDPA: measured at most 5.4e-7 on these images (the
+    README's ~1e-6), so 2e-6 leaves a factor of about 4; a real change to the formula moves pixels far more."""
+    reference = run(sd_pipe, guidance, height, width)
     with capture(sd_pipe, "explicit"):
-        ours = run(sd_pipe, 3.0, height, width)
-    np.testing.assert_allclose(ours, reference, rtol=0, atol=1e-4)
+        ours = run(sd_pipe, guidance, height, width)
+    difference = np.abs(ours - reference).max()
+    assert 0 < difference <= 2e-6  # not 0: explicit mode really took its own path
 
 
 def test_recorded_maps_equal_a_reference_softmax(sd_pipe):
