@@ -82,11 +82,38 @@ def client(server):
     return Client(server, verbose=False)
 
 
-def test_generate_needs_only_the_prompt_and_heatmap_draws_each_word(client):
+def bundle_meta(path) -> dict:
+    with zipfile.ZipFile(path) as zf:
+        return json.loads(zf.read("meta.json"))
+
+
+# /generate's inputs after the prompt and their defaults: the README's table, with this module's preset
+GENERATE_DEFAULTS = dict(negative_prompt="", seed=0, steps=PRESET.steps, guidance=PRESET.guidance, width=PRESET.width,
+                         height=PRESET.height, scheduler="default", mode="exact", processor="capture", weights="",
+                         edit_prompt="", inject=0.8, per_step=True, processor_layers="*")
+
+
+def test_generate_needs_only_the_prompt_and_every_input_takes_its_default(client, service):
+    api = client.view_api(print_info=False, return_format="dict")["named_endpoints"]["/generate"]["parameters"]
+    assert [p["parameter_name"] for p in api] == ["prompt", *GENERATE_DEFAULTS]
+    assert not api[0]["parameter_has_default"]
+    assert {p["parameter_name"]: p["parameter_default"] for p in api[1:]} == GENERATE_DEFAULTS
+
     image, words, bundle = client.predict(PROMPT, api_name="/generate")
     assert words == ["a", "red", "square", "on", "the", "left"]
     assert pixels(image).shape == (32, 32, 3)
     assert set(bundle_maps(bundle)) == set(words)
+    s = bundle_meta(bundle)["settings"]  # what the run used
+    assert (s["seed"], s["steps"], s["guidance_scale"], s["height"], s["width"]) == (0, 3, 2.0, 32, 32)
+    assert (s["scheduler"], s["mode"], s["per_step"], s["negative_prompt"]) == ("default", "exact", True, None)
+    assert s["processor"] == dict(name="capture", mode="exact", weights=[], edit_prompt=None, inject=0.8, layers="*")
+    spelled_out = {k: v for k, v in GENERATE_DEFAULTS.items() if k in GenerateRequest.__dataclass_fields__}
+    alone = service.generate(GenerateRequest(PROMPT, **spelled_out))
+    np.testing.assert_array_equal(pixels(image), np.asarray(alone.result.images[0]))
+
+
+def test_heatmap_draws_each_word(client):
+    image, words, bundle = client.predict(PROMPT, api_name="/generate")
 
     red = pixels(client.predict(handle_file(bundle), "red", api_name="/heatmap"))
     square = pixels(client.predict(handle_file(bundle), "square", api_name="/heatmap"))
@@ -292,7 +319,13 @@ def test_compare_runs_both_processors_on_the_same_seed(service):
     np.testing.assert_array_equal(np.asarray(cmp.b.image), np.asarray(alone.image))
     assert not np.array_equal(np.asarray(cmp.a.image), np.asarray(cmp.b.image))
     _, _, diff, note = service.compare_maps(cmp, "square")
-    assert diff is not None and "B − A for **square**" in note
+    b_square = cmp.b.result.heatmap("square", normalize_by="none")
+    a_square = cmp.a.result.heatmap("square", normalize_by="none")
+    assert np.count_nonzero(b_square) == 0 and a_square.max() > 0  # weight 0 removes the word's column
+    assert diff is not None and f"B − A for **square**: red where B gives it more attention, blue where less " \
+        f"(±{100 * a_square.max():.1f}% at full colour)" in note  # B − A is −A: its span is A's maximum
+    red = [e.result.heatmap("red", normalize_by="none") for e in (cmp.a, cmp.b)]
+    assert red[0].max() > 0 and red[1].max() > 0
 
 
 def test_a_downloaded_bundle_opens_again_with_the_same_maps(service):
