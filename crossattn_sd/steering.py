@@ -88,7 +88,8 @@ class ProcessorSpec:
                 raise ValueError(f"inject={self.inject} is out of range; use a fraction of the steps in 0..1")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The spec as JSON keeps it (weights as lists), so a saved result's settings load back equal."""
+        return {**asdict(self), "weights": [list(w) for w in self.weights]}
 
     @classmethod
     def from_dict(cls, data: dict) -> "ProcessorSpec":

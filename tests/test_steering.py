@@ -53,7 +53,7 @@ def test_reweight_with_unit_weights_is_capture_explicit_bit_for_bit(pipe, explic
     assert np.array_equal(pixels(ours), pixels(explicit))
     assert ours.store.layers == explicit.store.layers
     assert all(torch.equal(ours.store.sums[l], explicit.store.sums[l]) for l in explicit.store.layers)
-    assert ours.settings["processor"]["weights"] == (("red", 1.0), ("circle", 1.0))
+    assert ours.settings["processor"]["weights"] == [["red", 1.0], ["circle", 1.0]]
 
 
 def test_default_processor_records_nothing_and_equals_capture_exact(pipe, exact):
