@@ -15,8 +15,9 @@ torch.set_num_threads(1)  # CI has 2 cores; other jobs may share them
 WHOLE_WORDS = ["a", "red", "blue", "green", "square", "on", "the", "left", "right", "and", "cat"]
 
 
-def tiny_tokenizer(max_length: int = 16, pad_token: str = "<|endoftext|>"):
-    """A CLIP BPE tokenizer over the closed vocabulary; SDXL's second tokenizer pads with "!" (pad_token="!")."""
+def tiny_tokenizer(max_length: int = 16, pad_token: str = "<|endoftext|>", whole_words=WHOLE_WORDS):
+    """A CLIP BPE tokenizer over the closed vocabulary; SDXL's second tokenizer pads with "!" (pad_token="!").
+    `whole_words`: the words made one token each (another list gives another vocabulary)."""
     from transformers import CLIPTokenizer
 
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
@@ -24,7 +25,7 @@ def tiny_tokenizer(max_length: int = 16, pad_token: str = "<|endoftext|>"):
         vocab.setdefault(c, len(vocab))
         vocab.setdefault(c + "</w>", len(vocab))
     merges = []
-    for word in WHOLE_WORDS:  # left-to-right merges: "r e" -> "re", "re d</w>" -> "red</w>"
+    for word in whole_words:  # left-to-right merges: "r e" -> "re", "re d</w>" -> "red</w>"
         pieces = list(word[:-1]) + [word[-1] + "</w>"]
         while len(pieces) > 1:
             a, b = pieces[0], pieces[1]
