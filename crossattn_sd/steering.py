@@ -105,8 +105,8 @@ class ProcessorSpec:
 
     def batch_prompts(self, prompts: list[str], negative: str | list[str] | None):
         """The (prompt, negative_prompt) the pipeline is called with."""
-        if self.name != "edit":
-            return prompts, negative
+        if self.name != "edit":  # Diffusers wants both as lists or both as strings; prompts is a list
+            return prompts, [negative] * len(prompts) if isinstance(negative, str) else negative
         if isinstance(negative, list):
             negative = negative[0]
         return [prompts[0], self.edit_prompt], None if negative is None else [negative, negative]

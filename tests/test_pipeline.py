@@ -96,6 +96,21 @@ def test_an_error_inside_generate_restores_processors_and_scheduler(pipe, spec):
     assert pipe.scheduler is scheduler and not pipe.unet._forward_pre_hooks
 
 
+def test_the_negative_prompt_steers_the_image_as_in_diffusers(pipe):
+    import torch
+
+    plain = generate(pipe, PROMPT, steps=2, **KW)
+    negative = generate(pipe, PROMPT, negative_prompt="a blue square", steps=2, **KW)
+    assert not np.array_equal(np.asarray(plain.images[0]), np.asarray(negative.images[0]))
+    assert negative.words == plain.words and negative.settings["negative_prompt"] == "a blue square"
+    reference = pipe(PROMPT, negative_prompt="a blue square", num_inference_steps=2, guidance_scale=KW["guidance_scale"],
+                     height=KW["height"], width=KW["width"], generator=torch.Generator().manual_seed(0)).images[0]
+    assert np.asarray(negative.images[0]).tobytes() == np.asarray(reference).tobytes()  # Diffusers' own use of it
+    off = dict(KW, guidance_scale=1.0)  # without guidance there is no unconditional pass to replace
+    assert np.array_equal(np.asarray(generate(pipe, PROMPT, negative_prompt="a blue square", steps=2, **off).images[0]),
+                          np.asarray(generate(pipe, PROMPT, steps=2, **off).images[0]))
+
+
 def test_scheduler_swap_is_used_for_the_call_and_restored(pipe):
     scheduler = pipe.scheduler
     used = []
