@@ -288,8 +288,8 @@ def build_demo(service: AttentionService) -> gr.Blocks:
                     gr.Examples([[e] for e in d.examples], inputs=[prompt], label="Example prompts")
                 with gr.Accordion("Image settings", open=True):
                     with gr.Row(equal_height=True):
-                        seed = Number(0, label="Seed", precision=0, minimum=0, maximum=MAX_SEED, scale=4)
-                        dice = gr.Button("Random", scale=1, min_width=90)
+                        seed = Number(0, label="Seed", precision=0, minimum=0, maximum=MAX_SEED, scale=4, elem_id="seed")
+                        dice = gr.Button("Random", scale=1, min_width=90, elem_id="random-seed")
                     with gr.Row():
                         steps = Slider(1, d.max_steps, d.steps, step=1, label="Steps")
                         guidance = Slider(0, d.max_guidance, d.guidance, step=0.1, label="Guidance scale")
@@ -343,22 +343,22 @@ def build_demo(service: AttentionService) -> gr.Blocks:
                         with gr.Row(equal_height=True):
                             baseline = gr.Radio(["capture", "default"], value="capture", label="A (baseline)", scale=2)
                             cmp_btn = gr.Button("Compare A and B", variant="primary", scale=1)
-                        cmp_summary = gr.Markdown(label="Summary")
+                        cmp_summary = gr.Markdown(label="Summary", elem_id="cmp-summary")
                         with gr.Row():
-                            img_a = gr.Image(label="A", **pixel)
-                            img_b = gr.Image(label="B", **pixel)
-                            img_diff = gr.Image(label="|A − B|", **pixel)
+                            img_a = gr.Image(label="A", elem_id="cmp-a", **pixel)
+                            img_b = gr.Image(label="B", elem_id="cmp-b", **pixel)
+                            img_diff = gr.Image(label="|A − B|", elem_id="cmp-diff", **pixel)
                         cmp_word = gr.Dropdown([], label="Word", info="its map in A, in B, and B − A")
                         with gr.Row():
                             map_a = gr.Image(label="A: map", **pixel)
                             map_b = gr.Image(label="B: map", **pixel)
                             map_diff = gr.Image(label="B − A", **pixel)
-                        cmp_note = gr.Markdown()
+                        cmp_note = gr.Markdown(elem_id="cmp-note")
                     with gr.Tab("History & export") as history_tab:
                         with gr.Row(equal_height=True):
                             bundle = gr.File(label="Map bundle: image.png, maps.npz, meta.json, attention.safetensors",
                                              interactive=False, elem_id="bundle", scale=3)
-                            upload = gr.UploadButton("Open a bundle (.zip)", file_types=[".zip"], scale=1)
+                            upload = gr.UploadButton("Open a bundle (.zip)", file_types=[".zip"], scale=1, elem_id="open-bundle")
                         gallery = gr.Gallery(label="This session (click to inspect)", columns=6, height=220,
                                              allow_preview=False, elem_id="history", elem_classes="pixelated")
                         with gr.Accordion("Words and settings", open=False):
@@ -371,7 +371,7 @@ def build_demo(service: AttentionService) -> gr.Blocks:
                     with gr.Row():
                         step_from = Slider(1, 2, 1, step=1, label="From step", interactive=False)
                         step_to = Slider(1, 2, 2, step=1, label="To step", interactive=False)
-                        head = gr.Dropdown(["mean"], value="mean", label="Heads")
+                        head = gr.Dropdown(["mean"], value="mean", label="Heads", elem_id="heads")
                     with gr.Row():
                         alpha = Slider(0, 1, 0.5, step=0.05, label="Overlay opacity")
                         cmap = gr.Dropdown(list(d.cmaps), value=d.cmaps[0], label="Colour map")

@@ -1,5 +1,6 @@
 """Shared fixtures: seeded tiny random-weight Stable Diffusion pipelines, built offline (as Diffusers' tests do)."""
 
+import contextlib
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -137,3 +138,44 @@ class RaiseInsideForward:
 
     def __exit__(self, *exc):
         self.handle.remove()
+
+
+# -- the web app, served for real (tests/test_ui.py, tests/test_browser.py) ------------------------------------
+
+CHROMIUM = "/usr/bin/chromium"  # Debian's Chromium, driven by Playwright
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+SKIP_BROWSER = "CROSSATTN_SD_SKIP_BROWSER"  # the README's opt-out for machines without Chromium
+
+
+def require_chromium() -> None:
+    """Fail (not skip: the README's test command must not pass without its browser tests) when Chromium is missing,
+    unless CROSSATTN_SD_SKIP_BROWSER=1 opts out."""
+    from pathlib import Path
+
+    if Path(CHROMIUM).exists():
+        return
+    if os.environ.get(SKIP_BROWSER) == "1":
+        pytest.skip(f"{SKIP_BROWSER}=1: the browser tests are skipped")
+    pytest.fail(f"no Chromium at {CHROMIUM} for the browser tests: install it (apt-get install -y chromium), or "
+                f"set {SKIP_BROWSER}=1 to skip them", pytrace=False)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serve_app(service):
+    """The app for `service`, served on a free loopback port; yields its URL."""
+    from crossattn_sd.ui import build_demo, launch
+
+    demo = build_demo(service)
+    _, url, _ = launch(demo, server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
+    try:
+        yield url
+    finally:
+        demo.close()
