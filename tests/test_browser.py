@@ -139,12 +139,14 @@ def test_the_value_under_a_click_and_the_head_filter(page, service):
     entry = service.generate(GenerateRequest(PROMPT))  # what the page ran: the same defaults, the same seed
     np.testing.assert_array_equal(shown(page, "#image"), np.asarray(entry.image))
 
+    # Near the middle: Gradio maps a click on an image shown larger than its own size as if it were not scaled
+    # (its factor is capped at 1), so a click in the middle 32 x 32 screen pixels is the only one it reports here.
     box = page.locator("#map img").bounding_box()
-    page.locator("#map img").click(position={"x": box["width"] * 0.2, "y": box["height"] * 0.7})
+    page.locator("#map img").click(position={"x": box["width"] / 2 - 10, "y": box["height"] / 2 + 6})
     page.wait_for_function("() => document.querySelector('#readout').innerText.includes('At (x=')")
     readout = text(page, "#readout")
     x, y = map(int, re.search(r"At \(x=(\d+), y=(\d+)\)", readout).groups())
-    assert x < 16 <= y  # the lower left of the 32 x 32 map was clicked
+    assert x < 16 <= y  # left of and below the middle of the 32 x 32 map
     assert readout == service.value_at(entry, "red", service.filters(), x, y).replace("**", "")
 
     heads = service.choices(entry).heads
