@@ -42,6 +42,7 @@ def page(browser):
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     page.set_default_timeout(TIMEOUT)
     page.goto(browser.url)
+    page.locator("#generate").wait_for()  # the app is drawn by script after the page loads
     yield page
     page.close()
 
@@ -113,6 +114,7 @@ def test_processor_options_show_and_hide_and_the_random_seed_button(page):
     def visible():
         return [x.is_visible() for x in (mode, weights, edit_prompt, inject)]
 
+    mode.wait_for(state="visible")
     assert visible() == [True, False, False, False]  # capture: only its mode
     page.locator("#processor").get_by_text("reweight", exact=True).click()
     weights.wait_for(state="visible")
