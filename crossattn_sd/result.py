@@ -145,6 +145,8 @@ class GenerationResult:
             "alignments": [_alignment_to_dict(a) for a in self.alignments],
             "store": {"per_step": self.store.per_step, "keep_heads": self.store.keep_heads,
                       "max_step_bytes": self.store.max_step_bytes, "steps_dropped": self.store.steps_dropped,
+                      "step_bytes": self.store.step_bytes,
+                      "latent_hw": None if self.store.latent_hw is None else list(self.store.latent_hw),
                       "layer_shapes": {l: list(self.store.layer_shape(l)) for l in self.store.layers}},
             "versions": {"crossattn_sd": __version__, "diffusers": diffusers.__version__,
                          "transformers": transformers.__version__, "torch": torch.__version__},
@@ -362,6 +364,9 @@ def load_result(folder: str | Path, *, name: str | None = None) -> GenerationRes
             per_step=store_meta["per_step"], keep_heads=store_meta["keep_heads"],
             max_step_bytes=store_meta["max_step_bytes"])
         store.steps_dropped = store_meta["steps_dropped"]
+        store.step_bytes = int(store_meta.get("step_bytes", 0))  # (absent from bundles written before 0.1.0's end)
+        latent_hw = store_meta.get("latent_hw")
+        store.latent_hw = None if latent_hw is None else tuple(int(s) for s in latent_hw)
         images = []
         for i in range(len(alignments)):
             with Image.open(folder / image_name(i)) as im:

@@ -93,7 +93,8 @@ class ProcessorSpec:
                 raise ValueError(f"inject={self.inject} is out of range; use a fraction of the steps in 0..1")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The spec as JSON keeps it (weights as lists), so a saved result's settings load back equal."""
+        return {**asdict(self), "weights": [list(w) for w in self.weights]}
 
     @classmethod
     def from_dict(cls, data: dict) -> "ProcessorSpec":
@@ -109,8 +110,8 @@ class ProcessorSpec:
 
     def batch_prompts(self, prompts: list[str], negative: str | list[str] | None):
         """The (prompt, negative_prompt) the pipeline is called with."""
-        if self.name != "edit":
-            return prompts, negative
+        if self.name != "edit":  # Diffusers wants both as lists or both as strings; prompts is a list
+            return prompts, [negative] * len(prompts) if isinstance(negative, str) else negative
         if isinstance(negative, list):
             negative = negative[0]
         return [prompts[0], self.edit_prompt], None if negative is None else [negative, negative]

@@ -511,7 +511,7 @@ def build_demo(service: AttentionService) -> gr.Blocks:
                     with gr.Row(equal_height=True):
                         seed = Number(0, label="Seed", precision=0, minimum=0, maximum=MAX_SEED, scale=4,
                                       elem_id="seed")
-                        dice = gr.Button("Random", scale=1, min_width=90)
+                        dice = gr.Button("Random", scale=1, min_width=90, elem_id="random-seed")
                     with gr.Row():
                         steps = Slider(1, d.max_steps, d.steps, step=1, label="Steps")
                         guidance = Slider(0, d.max_guidance, d.guidance, step=0.1, label="Guidance scale")
@@ -570,17 +570,17 @@ def build_demo(service: AttentionService) -> gr.Blocks:
                         with gr.Row(equal_height=True):
                             baseline = gr.Radio(["capture", "default"], value="capture", label="A (baseline)", scale=2)
                             cmp_btn = gr.Button("Compare A and B", variant="primary", scale=1)
-                        cmp_summary = gr.Markdown(label="Summary")
+                        cmp_summary = gr.Markdown(label="Summary", elem_id="cmp-summary")
                         with gr.Row():
-                            img_a = gr.Image(label="A", **pixel)
-                            img_b = gr.Image(label="B", **pixel)
-                            img_diff = gr.Image(label="|A − B|", **pixel)
+                            img_a = gr.Image(label="A", elem_id="cmp-a", **pixel)
+                            img_b = gr.Image(label="B", elem_id="cmp-b", **pixel)
+                            img_diff = gr.Image(label="|A − B|", elem_id="cmp-diff", **pixel)
                         cmp_word = gr.Dropdown([], label="Word", info="its map in A, in B, and B − A")
                         with gr.Row():
                             map_a = gr.Image(label="A: map", **pixel)
                             map_b = gr.Image(label="B: map", **pixel)
                             map_diff = gr.Image(label="B − A", **pixel)
-                        cmp_note = gr.Markdown()
+                        cmp_note = gr.Markdown(elem_id="cmp-note")
                     with gr.Tab("History & export") as history_tab:
                         with gr.Row(equal_height=True):
                             bundle = gr.File(label="Map bundle: image.png, maps.npz, meta.json, attention.safetensors",

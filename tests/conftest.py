@@ -1,5 +1,6 @@
 """Shared fixtures: seeded tiny random-weight Stable Diffusion pipelines, built offline (as Diffusers' tests do)."""
 
+import contextlib
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -15,8 +16,9 @@ torch.set_num_threads(1)  # CI has 2 cores; other jobs may share them
 WHOLE_WORDS = ["a", "red", "blue", "green", "square", "on", "the", "left", "right", "and", "cat"]
 
 
-def tiny_tokenizer(max_length: int = 16, pad_token: str = "<|endoftext|>"):
-    """A CLIP BPE tokenizer over the closed vocabulary; SDXL's second tokenizer pads with "!" (pad_token="!")."""
+def tiny_tokenizer(max_length: int = 16, pad_token: str = "<|endoftext|>", whole_words=WHOLE_WORDS):
+    """A CLIP BPE tokenizer over the closed vocabulary; SDXL's second tokenizer pads with "!" (pad_token="!").
+    `whole_words`: the words made one token each (another list gives another vocabulary)."""
     from transformers import CLIPTokenizer
 
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
@@ -24,7 +26,7 @@ def tiny_tokenizer(max_length: int = 16, pad_token: str = "<|endoftext|>"):
         vocab.setdefault(c, len(vocab))
         vocab.setdefault(c + "</w>", len(vocab))
     merges = []
-    for word in WHOLE_WORDS:  # left-to-right merges: "r e" -> "re", "re d</w>" -> "red</w>"
+    for word in whole_words:  # left-to-right merges: "r e" -> "re", "re d</w>" -> "red</w>"
         pieces = list(word[:-1]) + [word[-1] + "</w>"]
         while len(pieces) > 1:
             a, b = pieces[0], pieces[1]
@@ -194,3 +196,69 @@ def sd_pipe_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-sd")
     tiny_sd_pipeline().save_pretrained(path)
     return path
+
+
+class RaiseInsideForward:
+    """Raise from inside the UNet's forward pass, after some cross-attention layers have run: a forward hook on
+    the last cross-attention layer raises on its `on_call`-th call (1 = the first UNet call). Records the processor
+    that layer ran with, so a test can check that ours were installed at that moment."""
+
+    def __init__(self, unet, on_call: int = 1):
+        from crossattn_sd.processors import cross_attention_layers
+
+        self.module = unet.get_submodule(cross_attention_layers(unet)[-1])
+        self.on_call, self.calls, self.processor_seen = on_call, 0, None
+
+    def __call__(self, module, args, output):
+        self.calls += 1
+        if self.calls == self.on_call:
+            self.processor_seen = module.processor
+            raise RuntimeError("boom inside the forward pass")
+
+    def __enter__(self):
+        self.handle = self.module.register_forward_hook(self)
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+# -- the web app, served for real (tests/test_ui.py, tests/test_browser.py) ------------------------------------
+
+CHROMIUM = "/usr/bin/chromium"  # Debian's Chromium, driven by Playwright
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+SKIP_BROWSER = "CROSSATTN_SD_SKIP_BROWSER"  # the README's opt-out for machines without Chromium
+
+
+def require_chromium() -> None:
+    """Fail (not skip: the README's test command must not pass without its browser tests) when Chromium is missing,
+    unless CROSSATTN_SD_SKIP_BROWSER=1 opts out."""
+    from pathlib import Path
+
+    if Path(CHROMIUM).exists():
+        return
+    if os.environ.get(SKIP_BROWSER) == "1":
+        pytest.skip(f"{SKIP_BROWSER}=1: the browser tests are skipped")
+    pytest.fail(f"no Chromium at {CHROMIUM} for the browser tests: install it (apt-get install -y chromium), or "
+                f"set {SKIP_BROWSER}=1 to skip them", pytrace=False)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serve_app(service):
+    """The app for `service`, served on a free loopback port; yields its URL."""
+    from crossattn_sd.ui import build_demo, launch
+
+    demo = build_demo(service)
+    _, url, _ = launch(demo, server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
+    try:
+        yield url
+    finally:
+        demo.close()

@@ -12,9 +12,10 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
-from conftest import tiny_tokenizer
+from conftest import RaiseInsideForward, tiny_tokenizer
 
 from crossattn_sd.config import load_presets
 from crossattn_sd.processors import CaptureProcessor, capture, cross_attention_layers, layer_sizes
@@ -110,13 +111,17 @@ def test_each_processor_installs_on_exactly_the_cross_attention_layers_and_resto
     assert all(after[key] is before[key] for key in before)
 
 
-def test_processors_are_restored_after_an_error_in_the_forward_pass():
+@pytest.mark.parametrize("name", ["capture-exact", "capture-explicit", "reweight", "edit"])
+def test_processors_are_restored_after_an_error_in_the_forward_pass(name):
     unet = meta_unet("sd15")
     before = dict(unet.attn_processors)
-    with pytest.raises(RuntimeError, match="boom"):
-        with capture(unet):
-            raise RuntimeError("boom")
+    with RaiseInsideForward(unet) as boom:  # the last cross-attention layer raises; fifteen others have run
+        with pytest.raises(RuntimeError, match="boom inside the forward pass"):
+            with use(unet, name):
+                meta_forward(unet, (8, 8), batch=2)
+    assert isinstance(boom.processor_seen, CaptureProcessor)
     assert all(unet.attn_processors[key] is proc for key, proc in before.items())
+    assert not unet._forward_pre_hooks
 
 
 # -- map sizes from shapes-only forward passes ---------------------------------------------------------------
@@ -343,6 +348,21 @@ def test_a_local_pipeline_folder_really_loads(sd_pipe_dir):
     pipe = load_pipeline(str(sd_pipe_dir), device="cpu")
     assert type(pipe).__name__ == "StableDiffusionPipeline" and pipe.unet.dtype == torch.float32
     assert pipe.crossattn_source == str(sd_pipe_dir)
+
+
+@pytest.mark.parametrize("dtype, expected", [(None, torch.float32), ("bfloat16", torch.bfloat16),
+                                             (torch.float16, torch.float16)])
+def test_a_saved_pipeline_really_loads_in_the_chosen_dtype(sd_pipe_dir, dtype, expected):
+    from crossattn_sd.pipeline import generate, load_pipeline
+
+    pipe = load_pipeline(str(sd_pipe_dir), device="cpu", dtype=dtype)  # the fp32 files, read for real
+    for part in ("unet", "vae", "text_encoder"):
+        assert {p.dtype for p in getattr(pipe, part).parameters()} == {expected}, part
+        assert {p.device.type for p in getattr(pipe, part).parameters()} == {"cpu"}, part
+    if expected == torch.bfloat16:  # it runs in that precision too, and its maps are kept in float32
+        result = generate(pipe, "a red square", steps=1, height=16, width=16)
+        assert result.images[0].size == (16, 16)
+        assert result.heatmap("red").dtype == np.float32 and np.isfinite(result.heatmap("red")).all()
 
 
 def test_missing_folder_is_a_file_not_found_error(tmp_path):

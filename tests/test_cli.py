@@ -59,16 +59,20 @@ def test_word_flag_restricts_overlays_and_dropped_words_are_reported(sd_pipe_dir
     assert json.loads((out / "meta.json").read_text())["dropped_words"] == ["circle"]
 
 
-def test_generate_help_mentions_every_flag(capsys):
+@pytest.mark.parametrize("command, at_least", [("generate", 20), ("compare", 20), ("serve", 10)])
+def test_help_documents_every_flag(capsys, command, at_least):
     with pytest.raises(SystemExit) as exit_info:
-        main(["generate", "--help"])
+        main([command, "--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
-    generate = next(a for a in build_parser()._subparsers._group_actions[0].choices.items() if a[0] == "generate")[1]
-    flags = [s for action in generate._actions for s in action.option_strings]
-    assert len(flags) > 20
+    parser = build_parser()._subparsers._group_actions[0].choices[command]
+    flags = [s for action in parser._actions for s in action.option_strings]
+    assert len(flags) > at_least
     for flag in flags:
         assert flag in text, flag
+    for action in parser._actions:  # each has its own help text, shown under the flag
+        if action.option_strings and action.dest != "help":
+            assert action.help and action.help.split("%")[0][:30] in " ".join(text.split()), action.dest
 
 
 @pytest.mark.parametrize("extra,named", [

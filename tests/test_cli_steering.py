@@ -38,14 +38,17 @@ def test_generate_with_reweight(sd_pipe_dir, tmp_path):
 def test_layers_by_resolution(sd_pipe_dir, tmp_path):
     # 32 x 48 px, VAE factor 2: a 16 x 24 latent, cross-attention maps at 16x24 and 8x12
     runs = {}
-    for layers in ("*", "8x12", "24"):
-        out = tmp_path / layers.replace("*", "all")
+    for layers in ("*", "8x12", "24", "16x24", "24, 8x12"):
+        out = tmp_path / layers.replace("*", "all").replace(", ", "+")
         assert main(args("generate", out, sd_pipe_dir, "--processor", "reweight", "--weights", "circle:0",
                          "--layers", layers)) == 0
         assert json.loads((out / "meta.json").read_text())["settings"]["processor"]["layers"] == layers
         runs[layers] = pixels(out / "image.png")
-    assert not np.array_equal(runs["8x12"], runs["24"])  # each steered only its own level
+    # "24" (longer side 24) is exactly the 16x24 layers: neither every layer nor the 8x12 ones
+    assert np.array_equal(runs["24"], runs["16x24"])
+    assert not np.array_equal(runs["24"], runs["*"]) and not np.array_equal(runs["24"], runs["8x12"])
     assert not np.array_equal(runs["8x12"], runs["*"])
+    assert np.array_equal(runs["24, 8x12"], runs["*"])  # the two levels together are every layer
 
 
 def test_generate_with_edit_writes_source_and_edit(sd_pipe_dir, tmp_path, capsys):

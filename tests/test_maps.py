@@ -198,6 +198,28 @@ def test_per_step_budget_drops_detail_keeps_sums(sd_pipe):
         full.heatmap("circle", steps=[0])
 
 
+@pytest.mark.parametrize("mode", ["exact", "explicit"])  # exact defers the softmax; explicit records each call
+def test_per_step_budget_reached_after_some_steps_were_stored(sd_pipe, mode):
+    kwargs = dict(steps=3, guidance_scale=3.0, height=32, width=48, mode=mode)
+    full = generate(sd_pipe, PROMPTS[0], per_step=True, **kwargs)
+    one_step = sum(m.numel() * 4 for m in full.store.steps[0].values())
+    assert full.store.step_bytes == 3 * one_step and not full.store.steps_dropped
+    budget = 2 * one_step + one_step // 2  # two steps fit, the third does not
+    with pytest.warns(RuntimeWarning, match=f"max_step_bytes={budget}") as caught:
+        cut = generate(sd_pipe, PROMPTS[0], per_step=True, max_step_bytes=budget, **kwargs)
+    assert len(caught) == 1  # warned once, not once per layer or step after
+    store = cut.store
+    assert store.steps_dropped and store.steps == [] and store.step_bytes == 0 and not store.has_steps
+    assert store.counts == full.store.counts and store.num_steps == 3
+    for layer in full.store.layers:  # the sums are whole: the steps stored before the budget was reached count
+        assert torch.equal(store.sums[layer], full.store.sums[layer])
+    assert (cut.heatmap("circle") == full.heatmap("circle")).all()
+    with pytest.raises(ValueError, match="per-step maps were dropped at max_step_bytes"):
+        cut.heatmap("circle", steps=[0])  # no half-kept timeline: step 0 was stored, then dropped with the rest
+    exact_fit = generate(sd_pipe, PROMPTS[0], per_step=True, max_step_bytes=3 * one_step, **kwargs)
+    assert exact_fit.store.has_steps and (exact_fit.heatmap("circle", steps=[0]) == full.heatmap("circle", steps=[0])).all()
+
+
 def test_per_step_budget_that_fits_warns_nothing(sd_pipe):
     with warnings.catch_warnings():
         warnings.simplefilter("error")

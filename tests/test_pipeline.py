@@ -4,9 +4,10 @@ import threading
 import numpy as np
 import pytest
 
-from conftest import tiny_sd_pipeline
+from conftest import RaiseInsideForward, tiny_sd_pipeline
 from crossattn_sd import ProcessorSpec, generate
 from crossattn_sd.pipeline import GenerationCancelled
+from crossattn_sd.processors import CaptureProcessor
 
 PROMPT = "a red circle on the left"
 KW = dict(guidance_scale=3.0, height=16, width=24)
@@ -70,10 +71,44 @@ def test_cancel_raises_and_restores_processors_and_scheduler(pipe, spec):
 
 
 def test_a_cancel_set_before_the_call_stops_at_the_first_step(pipe):
-    cancel = threading.Event()
+    cancel, seen, unet_calls = threading.Event(), [], []
     cancel.set()
-    with pytest.raises(GenerationCancelled):
-        generate(pipe, PROMPT, steps=3, cancel=cancel, **KW)
+    hook = pipe.unet.register_forward_hook(lambda *args: unet_calls.append(1))
+    try:
+        with pytest.raises(GenerationCancelled):
+            generate(pipe, PROMPT, steps=3, cancel=cancel, progress=lambda i, n: seen.append(i), **KW)
+    finally:
+        hook.remove()
+    assert seen == [1] and len(unet_calls) == 1  # one step ran (Diffusers checks the flag after each), not three
+
+
+@pytest.mark.parametrize("spec", PROCESSORS, ids=lambda s: s.name)
+def test_an_error_inside_generate_restores_processors_and_scheduler(pipe, spec):
+    before, scheduler = dict(pipe.unet.attn_processors), pipe.scheduler
+    with RaiseInsideForward(pipe.unet, on_call=2) as boom:  # inside the UNet's second call, mid-generation
+        with pytest.raises(RuntimeError, match="boom inside the forward pass"):
+            generate(pipe, PROMPT, steps=3, scheduler="euler", processor=spec, **KW)
+    assert boom.calls == 2
+    if spec.name != "default":
+        assert isinstance(boom.processor_seen, CaptureProcessor)
+    after = dict(pipe.unet.attn_processors)
+    assert after.keys() == before.keys() and all(after[k] is before[k] for k in before)
+    assert pipe.scheduler is scheduler and not pipe.unet._forward_pre_hooks
+
+
+def test_the_negative_prompt_steers_the_image_as_in_diffusers(pipe):
+    import torch
+
+    plain = generate(pipe, PROMPT, steps=2, **KW)
+    negative = generate(pipe, PROMPT, negative_prompt="a blue square", steps=2, **KW)
+    assert not np.array_equal(np.asarray(plain.images[0]), np.asarray(negative.images[0]))
+    assert negative.words == plain.words and negative.settings["negative_prompt"] == "a blue square"
+    reference = pipe(PROMPT, negative_prompt="a blue square", num_inference_steps=2, guidance_scale=KW["guidance_scale"],
+                     height=KW["height"], width=KW["width"], generator=torch.Generator().manual_seed(0)).images[0]
+    assert np.asarray(negative.images[0]).tobytes() == np.asarray(reference).tobytes()  # Diffusers' own use of it
+    off = dict(KW, guidance_scale=1.0)  # without guidance there is no unconditional pass to replace
+    assert np.array_equal(np.asarray(generate(pipe, PROMPT, negative_prompt="a blue square", steps=2, **off).images[0]),
+                          np.asarray(generate(pipe, PROMPT, steps=2, **off).images[0]))
 
 
 def test_scheduler_swap_is_used_for_the_call_and_restored(pipe):

@@ -4,6 +4,7 @@ import pytest
 import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 
+from conftest import RaiseInsideForward
 from crossattn_sd.maps import MapStore
 from crossattn_sd.processors import CaptureProcessor, capture, cross_attention_layers, install
 
@@ -30,11 +31,15 @@ def test_exact_mode_images_are_bit_identical_to_diffusers(sd_pipe, guidance, hei
 
 
 @pytest.mark.parametrize("height,width", SIZES)
-def test_explicit_mode_images_match_within_1e_4(sd_pipe, height, width):
-    reference = run(sd_pipe, 3.0, height, width)
+@pytest.mark.parametrize("guidance", [1.0, 3.0])
+def test_explicit_mode_images_match_within_2e_6(sd_pipe, guidance, height, width):
+    """`probs @ V` computed by hand rounds differently from SDPA: measured at most 5.4e-7 on these images (the
+    README's ~1e-6), so 2e-6 leaves a factor of about 4; a real change to the formula moves pixels far more."""
+    reference = run(sd_pipe, guidance, height, width)
     with capture(sd_pipe, "explicit"):
-        ours = run(sd_pipe, 3.0, height, width)
-    np.testing.assert_allclose(ours, reference, rtol=0, atol=1e-4)
+        ours = run(sd_pipe, guidance, height, width)
+    difference = np.abs(ours - reference).max()
+    assert 0 < difference <= 2e-6  # not 0: explicit mode really took its own path
 
 
 def test_recorded_maps_equal_a_reference_softmax(sd_pipe):
@@ -131,13 +136,15 @@ def test_self_attention_untouched_every_key_filled_and_restored(sd_pipe):
     assert store.counts  # the processors seen inside really recorded
 
 
-def test_processors_restored_after_an_exception(sd_pipe):
+@pytest.mark.parametrize("mode", ["exact", "explicit"])
+def test_processors_restored_after_an_error_inside_the_forward_pass(sd_pipe, mode):
     unet = sd_pipe.unet
     before = dict(unet.attn_processors)
-    with pytest.raises(RuntimeError, match="boom"):
-        with capture(sd_pipe):
-            run(sd_pipe, 1.0, steps=1)
-            raise RuntimeError("boom")
+    with RaiseInsideForward(unet, on_call=2) as boom:  # the second UNet call: one step ran, one is cut short
+        with pytest.raises(RuntimeError, match="boom inside the forward pass"):
+            with capture(sd_pipe, mode):
+                run(sd_pipe, 1.0, steps=3)
+    assert isinstance(boom.processor_seen, CaptureProcessor)  # it raised while ours were installed
     after = dict(unet.attn_processors)
     assert after.keys() == before.keys()
     assert all(after[k] is before[k] for k in before)

@@ -115,12 +115,13 @@ def test_save_load_round_trip_loses_nothing(result, tmp_path):
     assert (np.asarray(back.images[0]) == np.asarray(result.images[0])).all()
     assert back.alignments == result.alignments
     assert back.words == WORDS and back.dropped_words == ["circle"]
-    assert back.settings == json.loads(json.dumps(result.settings, default=str))
+    assert back.settings == result.settings  # as generate() wrote them, not a JSON-flattened copy
     assert ProcessorSpec.from_dict(back.settings["processor"]) == ProcessorSpec("capture")
     a, b = result.store, back.store
     assert b.layers == a.layers and b.counts == a.counts and b.timesteps == a.timesteps
-    assert (b.per_step, b.keep_heads, b.max_step_bytes, b.steps_dropped) == (
-        a.per_step, a.keep_heads, a.max_step_bytes, a.steps_dropped)
+    assert a.latent_hw == (H // 2, W // 2) and a.step_bytes > 0
+    assert (b.per_step, b.keep_heads, b.max_step_bytes, b.steps_dropped, b.step_bytes, b.latent_hw) == (
+        a.per_step, a.keep_heads, a.max_step_bytes, a.steps_dropped, a.step_bytes, a.latent_hw)
     for layer in a.layers:
         assert torch.equal(b.sums[layer], a.sums[layer])
         assert torch.equal(b.head_sums[layer], a.head_sums[layer])
@@ -150,6 +151,20 @@ def test_several_images_round_trip(tmp_path):
     assert (back.heatmap("cat", image_index=1) == res.heatmap("cat", image_index=1)).all()
     with np.load(tmp_path / "two" / "maps.npz") as maps:
         assert sorted(maps.files) == ["1/cat", "a", "red", "square"]
+
+
+def test_an_edit_result_loads_back_with_both_prompts_images_and_maps(tmp_path):
+    pipe = tiny_sd_pipeline()
+    spec = ProcessorSpec("edit", edit_prompt="a blue square on the left", inject=0.5)
+    res = generate(pipe, "a red square on the left", processor=spec, steps=2, height=16, width=24, per_step=True)
+    back = load_result(res.save(tmp_path / "edit"))
+    assert [a.prompt for a in back.alignments] == ["a red square on the left", "a blue square on the left"]
+    assert back.settings == res.settings and ProcessorSpec.from_dict(back.settings["processor"]) == spec
+    assert all(np.asarray(x).tobytes() == np.asarray(y).tobytes() for x, y in zip(back.images, res.images, strict=True))
+    for i, word in ((0, "red"), (1, "blue"), (1, "square")):
+        assert back.heatmap(word, image_index=i).tobytes() == res.heatmap(word, image_index=i).tobytes()
+        assert (back.heatmap(word, image_index=i, steps=[1]) == res.heatmap(word, image_index=i, steps=[1])).all()
+    assert back.store.latent_hw == res.store.latent_hw == (8, 12) and back.store.step_bytes == res.store.step_bytes
 
 
 @pytest.mark.parametrize("damage", ["no meta", "bad json", "wrong format", "truncated maps", "no image"])

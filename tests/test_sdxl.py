@@ -7,7 +7,7 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 from diffusers.models.attention_processor import AttnProcessor2_0
 
-from conftest import tiny_sdxl_pipeline
+from conftest import WHOLE_WORDS, tiny_sdxl_pipeline, tiny_tokenizer
 from crossattn_sd import ProcessorSpec, generate
 
 PROMPT = "a red circle on the left"
@@ -80,3 +80,20 @@ def test_reweight_and_edit_steer_sdxl(results):
     assert np.abs(pixels(edited, 0).astype(int) - pixels(plain)).max() <= 1
     assert list(edited.word_maps(1)) == ["a", "blue", "circle", "on", "the", "left"]
     assert edited.heatmap("blue", image_index=1).shape == (H, W)
+
+
+def test_tokenizers_with_different_vocabularies_warn_about_the_words_they_place_apart():
+    """SDXL joins its two encoders' states position by position: where the second tokenizer splits a word the first
+    keeps whole, that word and every word after it mix neighbouring tokens, and the warning names them."""
+    pipe = tiny_sdxl_pipeline()
+    pipe.tokenizer_2 = tiny_tokenizer(16, pad_token="!", whole_words=[w for w in WHOLE_WORDS if w != "red"])
+    assert len(pipe.tokenizer_2.tokenize("red")) == 3 and len(pipe.tokenizer.tokenize("red")) == 1
+    with pytest.warns(RuntimeWarning) as caught:
+        result = generate(pipe, "a red square on the left", **KW)
+    (warning,) = [w for w in caught if "two tokenizers" in str(w.message)]
+    assert "put 'red', 'square', 'on', 'the', 'left' at different positions in 'a red square on the left'" in \
+        str(warning.message)  # "a" comes before the split: its positions agree
+    assert result.words == ["a", "red", "square", "on", "the", "left"]  # keyed by the first tokenizer's words
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a prompt without the split word: no warning
+        generate(pipe, "a blue square on the left", **KW)

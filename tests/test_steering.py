@@ -56,7 +56,7 @@ def test_reweight_with_unit_weights_is_capture_bit_for_bit(pipe, exact, explicit
     assert np.array_equal(pixels(ours), pixels(baseline))
     assert ours.store.layers == baseline.store.layers
     assert all(torch.equal(ours.store.sums[l], baseline.store.sums[l]) for l in baseline.store.layers)
-    assert ours.settings["processor"]["weights"] == (("red", 1.0), ("circle", 1.0))
+    assert ours.settings["processor"]["weights"] == [["red", 1.0], ["circle", 1.0]]
 
 
 def test_exact_reweight_equals_explicit_reweight(pipe):

@@ -1,4 +1,4 @@
-"""The web UI, for real: the app served on a loopback port, driven by gradio_client and by a headless browser.
+"""The web UI, for real: the app served on a loopback port, driven by gradio_client (the browser: test_browser.py).
 
 The service runs the seeded tiny random pipeline (conftest.py), so nothing here depends on how well the
 embedded model is trained; its preset is the embedded one at 32x32 and 3 steps, to keep the module fast.
@@ -7,7 +7,6 @@ embedded model is trained; its preset is the embedded one at 32x32 and 3 steps, 
 import dataclasses
 import io
 import json
-import socket
 import urllib.request
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import tiny_sd_pipeline
+from conftest import serve_app, tiny_sd_pipeline
 from gradio_client import Client, handle_file
 from PIL import Image
 from test_imports import loaded_after
@@ -29,16 +28,8 @@ from crossattn_sd.service import MAX_PROMPT_CHARS, AttentionService, GenerateReq
 # Gradio's queue calls pandas APIs that pandas 3 deprecates; not ours to fix.
 pytestmark = [pytest.mark.filterwarnings("ignore:'future.no_silent_downcasting' is deprecated"),
               pytest.mark.filterwarnings("ignore:The copy keyword is deprecated")]
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 PRESET = dataclasses.replace(get_preset("tiny"), steps=3, height=32, width=32, max_side=64)
 PROMPT = "a red square on the left"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def pixels(path) -> np.ndarray:
@@ -69,12 +60,8 @@ def service():
 
 @pytest.fixture(scope="module")
 def server(service):
-    from crossattn_sd.ui import build_demo, launch
-
-    demo = build_demo(service)
-    _, url, _ = launch(demo, server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
-    yield url
-    demo.close()
+    with serve_app(service) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -82,11 +69,38 @@ def client(server):
     return Client(server, verbose=False)
 
 
-def test_generate_needs_only_the_prompt_and_heatmap_draws_each_word(client):
+def bundle_meta(path) -> dict:
+    with zipfile.ZipFile(path) as zf:
+        return json.loads(zf.read("meta.json"))
+
+
+# /generate's inputs after the prompt and their defaults: the README's table, with this module's preset
+GENERATE_DEFAULTS = dict(negative_prompt="", seed=0, steps=PRESET.steps, guidance=PRESET.guidance, width=PRESET.width,
+                         height=PRESET.height, scheduler="default", mode="exact", processor="capture", weights="",
+                         edit_prompt="", inject=0.8, per_step=True, processor_layers="*")
+
+
+def test_generate_needs_only_the_prompt_and_every_input_takes_its_default(client, service):
+    api = client.view_api(print_info=False, return_format="dict")["named_endpoints"]["/generate"]["parameters"]
+    assert [p["parameter_name"] for p in api] == ["prompt", *GENERATE_DEFAULTS]
+    assert not api[0]["parameter_has_default"]
+    assert {p["parameter_name"]: p["parameter_default"] for p in api[1:]} == GENERATE_DEFAULTS
+
     image, words, bundle = client.predict(PROMPT, api_name="/generate")
     assert words == ["a", "red", "square", "on", "the", "left"]
     assert pixels(image).shape == (32, 32, 3)
     assert set(bundle_maps(bundle)) == set(words)
+    s = bundle_meta(bundle)["settings"]  # what the run used
+    assert (s["seed"], s["steps"], s["guidance_scale"], s["height"], s["width"]) == (0, 3, 2.0, 32, 32)
+    assert (s["scheduler"], s["mode"], s["per_step"], s["negative_prompt"]) == ("default", "exact", True, None)
+    assert s["processor"] == dict(name="capture", mode="exact", weights=[], edit_prompt=None, inject=0.8, layers="*")
+    spelled_out = {k: v for k, v in GENERATE_DEFAULTS.items() if k in GenerateRequest.__dataclass_fields__}
+    alone = service.generate(GenerateRequest(PROMPT, **spelled_out))
+    np.testing.assert_array_equal(pixels(image), np.asarray(alone.result.images[0]))
+
+
+def test_heatmap_draws_each_word(client):
+    image, words, bundle = client.predict(PROMPT, api_name="/generate")
 
     red = pixels(client.predict(handle_file(bundle), "red", api_name="/heatmap"))
     square = pixels(client.predict(handle_file(bundle), "square", api_name="/heatmap"))
@@ -225,60 +239,6 @@ def test_an_allowed_folder_loads_at_its_own_size(sd_pipe_dir):
     assert (d.height, d.width, d.size_step) == (16, 16, 8)  # UNet sample_size 8 x VAE factor 2, not 512
 
 
-def test_browser_generate_click_a_word_and_stop(server, tmp_path):
-    if not CHROMIUM.exists():
-        pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium) for the browser test")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.goto(server)
-            page.locator("#prompt textarea").fill(PROMPT)
-            page.locator("#generate").click()
-            overlay = page.locator("#overlay img")
-            overlay.wait_for(timeout=60_000)
-            page.locator("#image img").wait_for()
-            chips = page.locator("#word-chips")
-            assert chips.locator("input:checked").get_attribute("value") == "red"  # first word that is not "a"
-            first_src = overlay.get_attribute("src")
-            page.screenshot(path=tmp_path / "generated.png", full_page=True)
-
-            chips.get_by_text("square", exact=True).click()
-            page.wait_for_function("src => document.querySelector('#overlay img').src !== src", arg=first_src,
-                                   timeout=30_000)
-            page.screenshot(path=tmp_path / "word.png", full_page=True)
-            first = page.request.get(first_src).body()
-            second = page.request.get(overlay.get_attribute("src")).body()
-            assert not np.array_equal(pixels(io.BytesIO(first)), pixels(io.BytesIO(second)))
-
-            # The other tabs draw when selected: the all-words grid, the timeline's frames and its GIF.
-            page.get_by_role("tab", name="All words").click()
-            page.locator("#grid img").wait_for(timeout=30_000)
-            page.get_by_role("tab", name="Timeline").click()
-            page.locator("#animation img").wait_for(timeout=30_000)
-            assert page.locator("#timeline img").count() == PRESET.steps
-            page.screenshot(path=tmp_path / "timeline.png", full_page=True)
-            page.get_by_role("tab", name="Heat map").click()
-
-            # A long run shows its progress and stops on Stop; the previous image stays on show.
-            image_src = page.locator("#image img").get_attribute("src")
-            for name, value in (("Steps", "100"), ("Width", "64"), ("Height", "64")):
-                page.get_by_label(f"number input for {name}").fill(value)
-                page.get_by_label(f"number input for {name}").press("Enter")
-            page.locator("#generate").click()
-            page.locator("#image").get_by_text("denoising").wait_for(timeout=30_000)
-            page.locator("#stop").click()
-            page.get_by_text("Stopped. Your previous results are kept.").wait_for(timeout=30_000)
-            page.screenshot(path=tmp_path / "stopped.png", full_page=True)
-            assert page.locator("#image img").get_attribute("src") == image_src
-            assert chips.locator("input:checked").get_attribute("value") == "square"
-        finally:
-            browser.close()
-    assert all((tmp_path / f"{name}.png").stat().st_size > 0 for name in ("generated", "word", "timeline", "stopped"))
-
-
 def test_compare_runs_both_processors_on_the_same_seed(service):
     req = GenerateRequest(PROMPT, seed=5, processor="capture", mode="exact")
     same = service.compare(req, "default")
@@ -292,7 +252,29 @@ def test_compare_runs_both_processors_on_the_same_seed(service):
     np.testing.assert_array_equal(np.asarray(cmp.b.image), np.asarray(alone.image))
     assert not np.array_equal(np.asarray(cmp.a.image), np.asarray(cmp.b.image))
     _, _, diff, note = service.compare_maps(cmp, "square")
-    assert diff is not None and "B − A for **square**" in note
+    b_square = cmp.b.result.heatmap("square", normalize_by="none")
+    a_square = cmp.a.result.heatmap("square", normalize_by="none")
+    assert np.count_nonzero(b_square) == 0 and a_square.max() > 0  # weight 0 removes the word's column
+    assert diff is not None and f"B − A for **square**: red where B gives it more attention, blue where less " \
+        f"(±{100 * a_square.max():.1f}% at full colour)" in note  # B − A is −A: its span is A's maximum
+    red = [e.result.heatmap("red", normalize_by="none") for e in (cmp.a, cmp.b)]
+    assert red[0].max() > 0 and red[1].max() > 0
+
+
+def test_compare_through_the_api_returns_both_images_their_difference_and_the_words(client, service):
+    summary, a, b, diff, word, gallery = client.predict(PROMPT, seed=5, processor="reweight", weights="square:0",
+                                                        baseline="capture", api_name="/compare")
+    req = GenerateRequest(PROMPT, seed=5)
+    capture = service.generate(req)
+    reweight = service.generate(dataclasses.replace(req, processor="reweight", weights="square:0"))
+    np.testing.assert_array_equal(pixels(a), np.asarray(capture.image))
+    np.testing.assert_array_equal(pixels(b), np.asarray(reweight.image))
+    changed = np.abs(np.asarray(capture.image, dtype=int) - np.asarray(reweight.image, dtype=int))
+    assert pixels(diff).shape == (32, 32, 3) and changed.max() > 0
+    assert "**A** = capture, **B** = reweight; same prompt and seed 5." in summary
+    assert [c[0] for c in word["choices"]] == ["a", "red", "square", "on", "the", "left"]  # B's words ...
+    assert word["value"] == "red"  # ... with the first that is not "a" chosen: its maps are shown first
+    assert len(gallery) >= 2  # A and B joined this session's gallery
 
 
 def test_a_downloaded_bundle_opens_again_with_the_same_maps(service):
