@@ -106,8 +106,6 @@ def test_bad_rows_are_recorded_and_the_others_finish(sd_pipe_dir, tmp_path, caps
     assert "6 rows: 2 ok, 4 failed" in report and "row 3 (line 5): width=63" in report
 
 
-@pytest.mark.xfail(strict=True, reason="generate() passes a string negative prompt next to a list of prompts, "
-                   "which Diffusers rejects (a TypeError): pipeline.py's bug, not the batch engine's")
 def test_a_negative_prompt_column_is_used(sd_pipe_dir, tmp_path):
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a blue cat", "negative_prompt": "red"}])
     assert main(batch_args(prompts, tmp_path / "out", sd_pipe_dir)) == 0
