@@ -9,4 +9,4 @@ import sys
 from crossattn_sd.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(["serve", *sys.argv[1:]]))
+    sys.exit(main(["serve", *sys.argv[1:]], serve_prog="python app.py"))

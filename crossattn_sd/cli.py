@@ -95,7 +95,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(serve_prog: str | None = None) -> argparse.ArgumentParser:
+    """The CLI's parser; `serve_prog` names the `serve` command in its usage line (app.py: "python app.py")."""
     fmt = HelpFormatter
     parser = argparse.ArgumentParser(prog="crossattn-sd", description=__doc__, formatter_class=fmt)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -114,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--processor-a", default="capture", choices=("default", "capture"),
                      help="the baseline processor A (the web UI's Compare tab defaults to capture too)")
 
-    serve = sub.add_parser("serve", help="run the web UI", formatter_class=fmt)
+    serve = sub.add_parser("serve", help="run the web UI", formatter_class=fmt,
+                           **({"prog": serve_prog} if serve_prog else {}))
     serve.add_argument("--host", default="127.0.0.1", help="interface to listen on")
     serve.add_argument("--port", type=int, default=7860, help="port")
     serve.add_argument("--model", default=EMBEDDED_PRESET.name, help="model preset name (see `crossattn-sd presets`)")
@@ -360,7 +362,7 @@ def cmd_presets(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, serve_prog: str | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "train-tiny":
         from .tiny.train import main as train_main
@@ -370,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
         from .tiny.evaluate import main as eval_main
 
         return eval_main(argv[1:])
-    args = build_parser().parse_args(argv)
+    args = build_parser(serve_prog).parse_args(argv)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     commands = {"generate": cmd_generate, "compare": cmd_compare, "serve": cmd_serve, "presets": cmd_presets,
                 "batch": cmd_batch}

@@ -144,3 +144,11 @@ def test_the_service_names_unknown_words_for_the_ui():
     assert "never saw 'cat'" in service.vocabulary_note(edit)
     # the edit prompt of a request whose processor is not edit is not used, so it is not checked
     assert service.vocabulary_note(GenerateRequest(prompt="a red circle", edit_prompt="a red cat")) is None
+
+
+def test_app_py_help_names_itself(capsys):
+    """`python app.py --help` says `python app.py`, not `crossattn-sd serve`."""
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"], serve_prog="python app.py")
+    out = capsys.readouterr().out
+    assert out.startswith("usage: python app.py [-h]") and "--outputs" in out
