@@ -7,6 +7,7 @@ Writes
     docs/images/words.png     a caption's image and each content word's map (the default view: 16x16 layers, all steps)
     docs/images/reweight.png  a prompt and seed with capture and with a re-weighted word
     docs/images/edit.png      prompt-to-prompt colour swap: source, edit with injected maps, edit prompt alone
+    docs/images/words-mmdit.png  (--joint) the same caption and seed on tiny-mmdit, its joint-attention maps
 and prints what the pixel judge (crossattn_sd/tiny/judge.py) says of each image, so the captions of the
 figures in the README state measured facts.
 """
@@ -59,8 +60,16 @@ def main(argv=None) -> int:
                    help="edited prompt shown in edit.png (a colour word swapped)")
     p.add_argument("--inject", type=float, default=0.8, help="injection fraction of the edit")
     p.add_argument("--out", type=Path, default=OUT)
+    p.add_argument("--joint", action="store_true", help="draw only words-mmdit.png, from the tiny-mmdit model")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.joint:
+        pipe = crossattn_sd.load_pipeline("tiny-mmdit", device="cpu")
+        base = crossattn_sd.generate(pipe, CAPTION, seed=args.seed)
+        maps = base.word_maps()
+        grid(base.images[0], {w: maps[w] for w in CONTENT}, columns=7, min_tile=192).save(args.out / "words-mmdit.png")
+        print(f"words-mmdit.png {CAPTION!r} seed {args.seed}: {verdict(base.images[0], KINDS)}")
+        return 0
     pipe = crossattn_sd.load_pipeline(args.model, device="cpu")
     scale = 3
 
