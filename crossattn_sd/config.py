@@ -14,7 +14,7 @@ EMBEDDED_MODEL_DIR = PACKAGE_DIR / "tiny" / "weights"
 CONFIG_DIR = PACKAGE_DIR / "configs"  # package data: a wheel installs it with the code
 EMBEDDED = "embedded"
 MAP_LAYERS = ("all", "finest")  # ModelPreset.map_layers
-PRESET_FAMILIES = ("sd", "sdxl", "sd3", "flux")  # ModelPreset.family
+PRESET_FAMILIES = ("sd", "sdxl", "sd3", "flux", "flux2")  # ModelPreset.family
 
 
 @dataclass(frozen=True)
@@ -24,8 +24,8 @@ class ModelPreset:
     Args:
         name: the preset's name, as given to `--model`.
         source: "embedded" (the model shipped in the package), a local folder, or a Hub id.
-        family: one of `PRESET_FAMILIES`: "sd" (SD 1.x / 2.x), "sdxl", "sd3" (SD3 / SD3.5) or "flux" (FLUX.1);
-            informative (the pipeline class comes from the model's own `model_index.json`).
+        family: one of `PRESET_FAMILIES`: "sd" (SD 1.x / 2.x), "sdxl", "sd3" (SD3 / SD3.5), "flux" (FLUX.1) or
+            "flux2" (FLUX.2); informative (the pipeline class comes from the model's own `model_index.json`).
         steps, guidance, height, width: generation defaults for this model.
         max_side: the largest height or width the UI offers (the model's training size bounds it).
         scheduler: default scheduler name (see `pipeline.SCHEDULERS`); None keeps the model's own.
