@@ -125,3 +125,8 @@ def test_full_flux2_klein_4b_transformer_on_the_meta_device():
     assert store.sums[layers[0]].shape == (1, grid, grid, text)
     assert all(p is before[k] for k, p in transformer.attn_processors.items())
     assert Flux2Family(transformer).layer_sizes((128, 96))[layers[-1]] == (64, 48)
+
+
+def test_a_negative_prompt_is_refused_by_name(pipe):
+    with pytest.raises(ValueError, match="Flux2KleinPipeline takes no negative prompt"):
+        generate(pipe, PROMPT, negative_prompt="blurry", **KW)
