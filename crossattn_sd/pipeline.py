@@ -335,7 +335,7 @@ def generate(
                            num_images_per_prompt=num_images_per_prompt,
                            latent_size=(height // factor, width // factor), alignment=align) as store:
             out = pipe(
-                prompt=call_prompts, negative_prompt=call_negative, num_inference_steps=steps,
+                prompt=call_prompts, **_negative(pipe, call_negative), num_inference_steps=steps,
                 guidance_scale=guidance_scale, height=height, width=width,
                 num_images_per_prompt=num_images_per_prompt, generator=generator,
                 callback_on_step_end=on_step_end, **family.pipeline_kwargs(pipe, max_sequence_length),
@@ -357,3 +357,15 @@ def generate(
         **family.pipeline_kwargs(pipe, max_sequence_length),
     )
     return GenerationResult(images=images, alignments=alignments, store=store, settings=settings)
+
+
+def _negative(pipe, negative_prompt) -> dict:
+    """The pipeline call's `negative_prompt` argument; pipelines without one (FLUX.2) refuse a non-empty one."""
+    import inspect
+
+    if "negative_prompt" in inspect.signature(type(pipe).__call__).parameters:
+        return {"negative_prompt": negative_prompt}
+    given = [negative_prompt] if isinstance(negative_prompt, str) else list(negative_prompt or [])
+    if any(given):
+        raise ValueError(f"{type(pipe).__name__} takes no negative prompt; leave negative_prompt empty")
+    return {}

@@ -14,10 +14,11 @@ import torch
 
 from .base import MODES, Family, Recorder, Steering
 from .flux import FluxFamily
+from .flux2 import Flux2Family
 from .sd3 import SD3Family
 from .unet import UNetFamily
 
-FAMILIES: list[type[Family]] = [UNetFamily, SD3Family, FluxFamily]
+FAMILIES: list[type[Family]] = [UNetFamily, SD3Family, FluxFamily, Flux2Family]
 
 
 def denoiser_of(pipe_or_model):
@@ -49,5 +50,6 @@ def is_pipeline(obj) -> bool:
     return not isinstance(obj, torch.nn.Module)
 
 
-__all__ = ["FAMILIES", "MODES", "Family", "FluxFamily", "Recorder", "Steering", "SD3Family", "UNetFamily",
+__all__ = ["FAMILIES", "MODES", "Family", "Flux2Family", "FluxFamily", "Recorder", "Steering", "SD3Family",
+           "UNetFamily",
            "denoiser_of", "family_of"]
