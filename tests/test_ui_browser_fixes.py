@@ -10,15 +10,13 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import tiny_sd_pipeline
-from test_ui import CHROMIUM, CHROMIUM_ARGS, free_port
+from conftest import CHROMIUM, CHROMIUM_ARGS, require_chromium, serve_app, tiny_sd_pipeline
 
 from crossattn_sd.config import get_preset
 from crossattn_sd.service import AttentionService, GenerateRequest
 
 pytestmark = [pytest.mark.filterwarnings("ignore:'future.no_silent_downcasting' is deprecated"),
-              pytest.mark.filterwarnings("ignore:The copy keyword is deprecated"),
-              pytest.mark.skipif(not CHROMIUM.exists(), reason=f"no Chromium at {CHROMIUM} for the browser tests")]
+              pytest.mark.filterwarnings("ignore:The copy keyword is deprecated")]
 PRESET = dataclasses.replace(get_preset("tiny"), steps=4, height=32, width=32, max_side=64)
 PROMPT = "a red square on the left"
 EDIT = "a blue square on the left"
@@ -32,12 +30,9 @@ def service():
 
 @pytest.fixture(scope="module")
 def server(service):
-    from crossattn_sd.ui import build_demo, launch
-
-    demo = build_demo(service)
-    _, url, _ = launch(demo, server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
-    yield url
-    demo.close()
+    require_chromium()  # fails (not skips) without Chromium, unless CROSSATTN_SD_SKIP_BROWSER=1
+    with serve_app(service) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
