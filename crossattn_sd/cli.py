@@ -18,9 +18,8 @@ from .config import EMBEDDED_PRESET
 from .names import safe_name
 
 
-def _add_generation_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("prompt", help="the text prompt (quote it)")
-    p.add_argument("--out", required=True, type=Path, help="output folder (created if needed)")
+def _add_run_options(p: argparse.ArgumentParser, *, device_default: str) -> None:
+    """The options of one generation that `generate`, `compare` and `batch` share (batch: every row's defaults)."""
     p.add_argument("--model", default=None, help="preset name (see `crossattn-sd presets`), local Diffusers "
                    "folder, or Hub id; default: the embedded shapes-world model")
     p.add_argument("--negative-prompt", default=None, help="negative prompt (used when guidance > 1)")
@@ -40,14 +39,20 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers", default="*", help="cross-attention layers the processor goes on, comma-separated: "
                    "glob patterns of layer names ('up_blocks.*') or map resolutions ('16': longer side 16, '16x12')")
     p.add_argument("--per-step", action="store_true", help="also keep per-step maps (timelines, step ranges)")
+    p.add_argument("--device", default=None, help=f"cuda, mps or cpu (default: {device_default})")
+    p.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"),
+                   help="model dtype (default: float16 on CUDA for real checkpoints, else float32)")
+    p.add_argument("--offload", action="store_true", help="model CPU offload via accelerate (saves GPU memory)")
+
+
+def _add_generation_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("prompt", help="the text prompt (quote it)")
+    p.add_argument("--out", required=True, type=Path, help="output folder (created if needed)")
+    _add_run_options(p, device_default="best available")
     p.add_argument("--word", action="append", default=None, metavar="W",
                    help="write overlays for this word only (repeatable); default: every word")
     p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity, 0..1")
     p.add_argument("--cmap", default="jet", help="matplotlib colour map for overlays")
-    p.add_argument("--device", default=None, help="cuda, mps or cpu (default: best available)")
-    p.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"),
-                   help="model dtype (default: float16 on CUDA for real checkpoints, else float32)")
-    p.add_argument("--offload", action="store_true", help="model CPU offload via accelerate (saves GPU memory)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -57,29 +62,7 @@ def _add_batch_args(p: argparse.ArgumentParser) -> None:
                    "weights, edit_prompt, inject, layers, per_step (the options below are every row's defaults)")
     p.add_argument("--out", required=True, type=Path, help="output folder: a bundle folder per row and index.jsonl "
                    "(a rerun into the same folder skips finished rows)")
-    p.add_argument("--model", default=None, help="preset name (see `crossattn-sd presets`), local Diffusers "
-                   "folder, or Hub id; default: the embedded shapes-world model")
-    p.add_argument("--negative-prompt", default=None, help="negative prompt (used when guidance > 1)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
-    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model preset's)")
-    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: preset's)")
-    p.add_argument("--height", type=int, default=None, help="image height in pixels (default: preset's)")
-    p.add_argument("--width", type=int, default=None, help="image width in pixels (default: preset's)")
-    p.add_argument("--scheduler", default="default", help="scheduler: default, dpm++, euler, euler-a, ddim, unipc, pndm")
-    p.add_argument("--mode", default="exact", choices=("exact", "explicit"),
-                   help="capture mode: exact (images identical to Diffusers) or explicit (probs @ V)")
-    p.add_argument("--processor", default="capture", choices=("default", "capture", "reweight", "edit"),
-                   help="attention processor on the cross-attention layers")
-    p.add_argument("--weights", default="", help="reweight: word:weight pairs, e.g. 'circle:2.0, red:0.5'")
-    p.add_argument("--edit-prompt", default=None, help="edit: the edited prompt (same seed, source maps injected)")
-    p.add_argument("--inject", type=float, default=0.8, help="edit: fraction of steps that use the source's maps")
-    p.add_argument("--layers", default="*", help="cross-attention layers the processor goes on: glob patterns of "
-                   "layer names or map resolutions, comma-separated")
-    p.add_argument("--per-step", action="store_true", help="also keep per-step maps (timelines, step ranges)")
-    p.add_argument("--device", default=None, help="cuda, mps or cpu (default: this process's accelerate device)")
-    p.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"),
-                   help="model dtype (default: float16 on CUDA for real checkpoints, else float32)")
-    p.add_argument("--offload", action="store_true", help="model CPU offload via accelerate (saves GPU memory)")
+    _add_run_options(p, device_default="this process's accelerate device")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads per process (default: torch's or "
                    "accelerate's choice); files are identical across runs at the same thread count")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
