@@ -16,6 +16,7 @@ from conftest import CHROMIUM, CHROMIUM_ARGS, require_chromium, serve_app, tiny_
 from test_ui import PRESET, PROMPT, pixels, pytestmark  # noqa: F401 (pytestmark: the same warning filters)
 
 from crossattn_sd.service import AttentionService, GenerateRequest
+from crossattn_sd.ui import enlarged
 
 TIMEOUT = 60_000  # ms; CI's two cores may be busy
 
@@ -141,8 +142,7 @@ def test_the_value_under_a_click_and_the_head_filter(page, service):
     entry = service.generate(GenerateRequest(PROMPT))  # what the page ran: the same defaults, the same seed
     np.testing.assert_array_equal(shown(page, "#image"), np.asarray(entry.image))
 
-    # Near the middle: Gradio maps a click on an image shown larger than its own size as if it were not scaled
-    # (its factor is capped at 1), so a click in the middle 32 x 32 screen pixels is the only one it reports here.
+    # Left of and below the middle (the map panel is sent enlarged, so any click maps to its pixel of the map).
     box = page.locator("#map img").bounding_box()
     page.locator("#map img").click(position={"x": box["width"] / 2 - 10, "y": box["height"] / 2 + 6})
     page.wait_for_function("() => document.querySelector('#readout').innerText.includes('At (x=')")
@@ -157,7 +157,8 @@ def test_the_value_under_a_click_and_the_head_filter(page, service):
     page.locator("#heads input").click()
     page.get_by_role("option", name="1", exact=True).click()
     wait_changed(page, "#overlay", old)
-    expected = np.asarray(service.overlay(entry, "red", service.filters(head=1)))
+    # the clickable panels are sent enlarged (nearest neighbour) so that every click maps to its pixel
+    expected = np.asarray(enlarged(service.overlay(entry, "red", service.filters(head=1))))
     np.testing.assert_array_equal(shown(page, "#overlay"), expected)
     assert not np.array_equal(expected, np.asarray(service.overlay(entry, "red", service.filters())))
 

@@ -141,7 +141,10 @@ def test_a_cancel_ends_the_run_before_the_next_request_runs(server, service, out
     assert saved_seeds(outputs) == sorted([*saved, "s2"])  # the cancelled run (seed 1) is not saved
 
 
-def test_a_lost_client_stops_its_run(server, service, unet_calls):
+def test_a_lost_client_stops_its_run(server, service, unet_calls, monkeypatch):
+    # Gradio notices a lost heartbeat connection only when it next writes to it: every 15 s by default, longer than
+    # the whole long run on a fast machine. Gradio reads the interval at each heartbeat connection.
+    monkeypatch.setenv("GRADIO_HEARTBEAT_INTERVAL", "0.2")
     gone = Client(server, verbose=False)
     gone.submit(PROMPT, **LONG, api_name="/generate")
     wait_for(lambda: len(unet_calls) > 2, "the long run to start")

@@ -90,7 +90,7 @@ def test_tokenizers_with_different_vocabularies_warn_about_the_words_they_place_
     assert len(pipe.tokenizer_2.tokenize("red")) == 3 and len(pipe.tokenizer.tokenize("red")) == 1
     with pytest.warns(RuntimeWarning) as caught:
         result = generate(pipe, "a red square on the left", **KW)
-    (warning,) = [w for w in caught if "two tokenizers" in str(w.message)]
+    (warning,) = [w for w in caught if "two CLIP tokenizers" in str(w.message)]
     assert "put 'red', 'square', 'on', 'the', 'left' at different positions in 'a red square on the left'" in \
         str(warning.message)  # "a" comes before the split: its positions agree
     assert result.words == ["a", "red", "square", "on", "the", "left"]  # keyed by the first tokenizer's words
