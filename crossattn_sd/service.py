@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image
 
 from .bundles import BUNDLE_MEMBERS, MAX_BUNDLE_BYTES, read_bundle, zip_folder  # noqa: F401 (public here too)
-from .config import EMBEDDED, ModelPreset, load_presets
+from .config import EMBEDDED, PACKAGE_SOURCE, ModelPreset, load_presets
 from .inspection import (  # noqa: F401 (the UI and tests import them from here)
     FUNCTION_WORDS, NO_MAPS, Comparison, Entry, MapChoices, MapFilters, MapInspector, MapView, layer_label,
 )
@@ -181,7 +181,7 @@ class AttentionService(MapInspector):
         return Defaults(
             model=p.name, description=p.description, steps=min(p.steps, MAX_STEPS), guidance=p.guidance,
             height=fit(p.height), width=fit(p.width), max_side=max_side, size_step=step,
-            scheduler=p.scheduler or "default", per_step=p.source == EMBEDDED, examples=tuple(p.examples),
+            scheduler=p.scheduler or "default", per_step=p.source == EMBEDDED or p.source.startswith(PACKAGE_SOURCE), examples=tuple(p.examples),
             schedulers=tuple(schedulers_for(self.pipe)), processors=PROCESSORS, modes=MODES,
         )
 

@@ -495,8 +495,9 @@ def build_demo(service: AttentionService) -> gr.Blocks:
         shown = gr.State(None)  # the folder of the entry whose words and filters are on show
         history = gr.State([])  # this session's entries, newest first
         comparison = gr.State(None)
-        gr.Markdown("# crossattn-sd\nSee where each word of your prompt went: per-word cross-attention maps of "
-                    f"a Stable Diffusion model, recorded while it generates. Model: **{d.model}** — {d.description}.",
+        gr.Markdown("# crossattn-sd\nSee where each word of your prompt went: per-word attention maps of a diffusion "
+                    "model (a UNet's cross-attention or a transformer's joint attention), recorded while it generates. "
+                    f"Model: **{d.model}** — {d.description}.",
                     elem_id="title")
         with gr.Row(equal_height=False):
             with gr.Column(scale=4, min_width=340):

@@ -53,3 +53,21 @@ def test_load_pipeline_tiny_mmdit_draws_held_out_captions_right():
     assert {im.size for im in images} == {(64, 64)}
     right = sum(judge(np.asarray(im), kinds).ok for im, (_, kinds, _) in zip(images, items))
     assert right >= MIN_RIGHT, f"{right}/{N_JUDGED} held-out captions drawn right"
+
+
+def test_generate_on_tiny_mmdit_is_the_plain_call_with_maps_and_the_ui_keeps_its_timeline():
+    """`generate` passes the preset's max_sequence_length (0): the image is the plain call's bit for bit, with per-word
+    maps on the 8x8 token grid of its four joint layers; the web UI keeps per-step maps for it, as for `tiny`."""
+    from crossattn_sd.pipeline import generate
+    from crossattn_sd.service import AttentionService
+
+    torch.set_num_threads(1)
+    pipe = load_pipeline("tiny-mmdit", device="cpu")
+    prompt = "a red circle on the left and a blue square on the right"
+    result = generate(pipe, prompt, seed=0, steps=4)
+    plain = pipe(prompt, num_inference_steps=4, guidance_scale=pipe.crossattn_defaults.guidance, height=64,
+                 width=64, max_sequence_length=0, generator=torch.Generator().manual_seed(0)).images[0]
+    assert np.array_equal(np.asarray(result.images[0]), np.asarray(plain))
+    assert result.settings["max_sequence_length"] == 0 and result.store.resolutions() == [(8, 8)]
+    assert len(result.store.layers) == 4 and result.heatmap("circle").shape == (64, 64)
+    assert AttentionService(get_preset("tiny-mmdit"), pipe=pipe).defaults().per_step
