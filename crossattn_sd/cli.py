@@ -139,8 +139,9 @@ def _spec(args):
 _PROCESSOR_OPTIONS = {"weights": ("reweight", "--weights"), "edit_prompt": ("edit", "--edit-prompt")}
 
 
-def check_generation_args(args) -> None:
-    """Refuse bad generation arguments before the model loads (ValueError naming the flag and the fix).
+def check_generation_args(args):
+    """The run's ProcessorSpec; refuses bad generation arguments before the model loads (ValueError naming the
+    flag and the fix).
 
     What depends on the model (size multiples, scheduler compatibility, words of the prompt) is checked by
     `generate` once it has loaded; everything else fails here, in a second instead of after the load."""
@@ -161,7 +162,7 @@ def check_generation_args(args) -> None:
         raise ValueError(f"unknown --cmap {args.cmap!r}; use one of {', '.join(CMAPS)}")
     if args.scheduler not in SCHEDULERS:
         raise ValueError(f"unknown --scheduler {args.scheduler!r}; use one of {', '.join(SCHEDULERS)}")
-    _spec(args)  # bad weights, a missing edit prompt, inject out of range
+    return _spec(args)  # the ProcessorSpec; refuses bad weights, a missing edit prompt, inject out of range
 
 
 def _progress(quiet: bool):
@@ -236,7 +237,7 @@ def _vocabulary_note(args) -> None:
         print(f"note: {note}", file=sys.stderr)
 
 
-def _run_generate(args, spec=None, pipe=None):
+def _run_generate(args, spec, pipe=None):
     from .pipeline import generate, load_pipeline
     from .tokens import VocabularyWarning
 
@@ -251,7 +252,7 @@ def _run_generate(args, spec=None, pipe=None):
             result = generate(pipe, args.prompt, negative_prompt=args.negative_prompt, seed=args.seed,
                               steps=args.steps, guidance_scale=args.guidance, height=args.height, width=args.width,
                               scheduler=None if args.scheduler == "default" else args.scheduler,
-                              per_step=args.per_step, processor=spec or _spec(args), progress=progress)
+                              per_step=args.per_step, processor=spec, progress=progress)
     finally:
         if bar is not None:
             bar.close()
@@ -259,8 +260,7 @@ def _run_generate(args, spec=None, pipe=None):
 
 
 def cmd_generate(args) -> int:
-    check_generation_args(args)
-    _, result = _run_generate(args)
+    _, result = _run_generate(args, check_generation_args(args))
     for w in args.word or ():  # validate before writing anything (an edit's word may be in either prompt)
         if not any(_has_word(a, w) for a in result.alignments):
             result.alignments[0].indices_of(w)  # raises ValueError naming the word and the prompt's words
@@ -278,8 +278,7 @@ def cmd_compare(args) -> int:
     from .overlay import captioned
     from .steering import ProcessorSpec
 
-    check_generation_args(args)
-    spec_b = _spec(args)
+    spec_b = check_generation_args(args)
     spec_a = ProcessorSpec(args.processor_a, mode=args.mode)
     pipe, res_a = _run_generate(args, spec_a)
     _, res_b = _run_generate(args, spec_b, pipe)  # one load for both runs
