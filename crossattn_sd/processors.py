@@ -117,7 +117,10 @@ def install(model, store: MapStore, factory: ProcessorFactory, layers: str | Ite
         store.grid = family.token_grid
 
     def on_model_call(module, args, kwargs):
-        latent_hw, timestep = family.step_input(args, kwargs)
+        step = family.step_input(args, kwargs)
+        if step is None:  # no step, nothing recorded: guidance's unconditional pass run as its own call
+            return
+        latent_hw, timestep = step
         if isinstance(timestep, torch.Tensor):  # meta tensors (shape-only models) have no value to read
             timestep = timestep.flatten()[0].item() if timestep.numel() and not timestep.is_meta else None
         store.begin_call(latent_hw, timestep)
