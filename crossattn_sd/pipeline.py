@@ -360,11 +360,12 @@ def generate(
 
 
 def _negative(pipe, negative_prompt) -> dict:
-    """The pipeline call's `negative_prompt` argument; pipelines without one (FLUX.2) refuse a non-empty one."""
+    """The pipeline call's `negative_prompt` argument; pipelines without one (FLUX.2) refuse a non-empty one, and
+    None is left to the pipeline's own default (Sana's is "", and None fails there)."""
     import inspect
 
     if "negative_prompt" in inspect.signature(type(pipe).__call__).parameters:
-        return {"negative_prompt": negative_prompt}
+        return {} if negative_prompt is None else {"negative_prompt": negative_prompt}
     given = [negative_prompt] if isinstance(negative_prompt, str) else list(negative_prompt or [])
     if any(given):
         raise ValueError(f"{type(pipe).__name__} takes no negative prompt; leave negative_prompt empty")
