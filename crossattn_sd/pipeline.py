@@ -335,8 +335,8 @@ def generate(
                            num_images_per_prompt=num_images_per_prompt,
                            latent_size=(height // factor, width // factor), alignment=align) as store:
             out = pipe(
-                prompt=call_prompts, **_negative(pipe, call_negative), num_inference_steps=steps,
-                guidance_scale=guidance_scale, height=height, width=width,
+                prompt=call_prompts, num_inference_steps=steps, height=height, width=width,
+                **{**_negative(pipe, call_negative), **family.guidance_kwargs(pipe, guidance_scale, call_negative)},
                 num_images_per_prompt=num_images_per_prompt, generator=generator,
                 callback_on_step_end=on_step_end, **family.pipeline_kwargs(pipe, max_sequence_length),
             )

@@ -16,11 +16,13 @@ from .base import MODES, Family, Recorder, Steering
 from .chroma import ChromaFamily
 from .flux import FluxFamily
 from .flux2 import Flux2Family
+from .qwenimage import QwenImageFamily
 from .sana import SanaFamily
 from .sd3 import SD3Family
 from .unet import UNetFamily
 
-FAMILIES: list[type[Family]] = [UNetFamily, SD3Family, FluxFamily, Flux2Family, ChromaFamily, SanaFamily]
+FAMILIES: list[type[Family]] = [UNetFamily, SD3Family, FluxFamily, Flux2Family, ChromaFamily, SanaFamily,
+                                 QwenImageFamily]
 
 
 def denoiser_of(pipe_or_model):
@@ -52,5 +54,5 @@ def is_pipeline(obj) -> bool:
     return not isinstance(obj, torch.nn.Module)
 
 
-__all__ = ["FAMILIES", "MODES", "ChromaFamily", "Family", "Flux2Family", "FluxFamily", "Recorder", "SanaFamily",
-           "Steering", "SD3Family", "UNetFamily", "denoiser_of", "family_of"]
+__all__ = ["FAMILIES", "MODES", "ChromaFamily", "Family", "Flux2Family", "FluxFamily", "QwenImageFamily", "Recorder",
+           "SanaFamily", "Steering", "SD3Family", "UNetFamily", "denoiser_of", "family_of"]

@@ -12,7 +12,8 @@ A `Family` is bound to one denoiser (a UNet or a transformer) and answers, for t
 - `recorded(store, batch)`: the rows of a call's batch whose maps are kept;
 - `processor(store, layer, mode, original, steering)`: the processor that records (and steers) one layer;
 - `text_positions(pipe, prompt, ...)`: which tokenizer owns which text positions, as a `PromptTokens`;
-- `native_latent_size()`, `pipeline_kwargs(...)`: what `generate` needs to call the pipeline.
+- `native_latent_size()`, `pipeline_kwargs(...)`, `guidance_kwargs(...)`: what `generate` needs to call the
+  pipeline.
 
 `processors.py`, `maps.py` and `pipeline.py` ask these questions and name no architecture.
 """
@@ -166,6 +167,11 @@ class Family:
     def pipeline_kwargs(self, pipe, max_sequence_length: int | None = None) -> dict:
         """Extra keyword arguments `generate` passes to the pipeline call."""
         return {}
+
+    def guidance_kwargs(self, pipe, guidance_scale: float, negative_prompt) -> dict:
+        """The pipeline call's guidance arguments for `generate`'s guidance scale (and its negative prompt, None
+        when not given); they override the negative prompt argument."""
+        return {"guidance_scale": guidance_scale}
 
 
 class SeparateGuidance:

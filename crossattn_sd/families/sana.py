@@ -169,39 +169,23 @@ class SanaFamily(Family):
         """The prompt's words at their positions among the `max_sequence_length` text positions the pipeline keeps
         (`SanaPipeline.encode_prompt`: the first token and the last `max_sequence_length - 1` of the instruction,
         the prompt and the padding)."""
-        from ..tokens import PromptTokens, _WORD_RE, Word
+        from ..tokens import align_in_text
 
         if part not in (None, "gemma"):
             raise ValueError(f"text part {part!r} is not in this pipeline; use gemma")
         length = self.max_sequence_length(pipe, max_sequence_length)
         instruction = _call_default(pipe, "complex_human_instruction", None)
-        text = prompt.lower().strip()  # `_text_preprocessing` without `clean_caption`
-        lead = len(prompt) - len(prompt.lstrip())
         if instruction:
             prefix = "\n".join(instruction)
             total = len(pipe.tokenizer.encode(prefix)) + length - 2
         else:
             prefix, total = "", length
-        enc = pipe.tokenizer(prefix + text, padding="max_length", max_length=total, truncation=True,
-                             add_special_tokens=True, return_offsets_mapping=True,
-                             padding_side="right")  # as `encode_prompt` sets it
+        text = prefix + prompt.lower().strip()  # `_text_preprocessing` without `clean_caption`
+        enc = pipe.tokenizer(text, padding="max_length", max_length=total, truncation=True, add_special_tokens=True,
+                             return_offsets_mapping=True, padding_side="right")  # as `encode_prompt` sets it
         keep = [0] + list(range(total - length + 1, total))  # select_index = [0] + range(-length + 1, 0)
-        ids = [enc["input_ids"][i] for i in keep]
-        offsets = [tuple(enc["offset_mapping"][i]) for i in keep]
-        pad = tuple(k for k, i in enumerate(keep) if not enc["attention_mask"][i])
-        words, dropped = [], []
-        same_length = len(text) == len(prompt.strip())  # lower() kept every character's place
-        for m in _WORD_RE.finditer(prompt):
-            s, e = len(prefix) + m.start() - lead, len(prefix) + m.end() - lead
-            idx = tuple(k for k, (t0, t1) in enumerate(offsets) if k not in pad and t0 < e and s < t1) \
-                if same_length else ()
-            if idx and offsets[idx[0]][0] <= s and max(offsets[k][1] for k in idx) >= e:
-                words.append(Word(m.group(0), idx, m.start(), m.end()))
-            else:
-                dropped.append(m.group(0))
-        return PromptTokens(prompt=prompt, tokens=tuple(pipe.tokenizer.convert_ids_to_tokens(ids)),
-                            words=tuple(words), dropped_words=tuple(dropped),
-                            special_indices={"start": (0,), "end": (), "pad": pad})
+        lead = len(prompt) - len(prompt.lstrip())  # stripped
+        return align_in_text(pipe.tokenizer, prompt, text, len(prefix) - lead, enc, keep, start=(0,))
 
     @staticmethod
     def max_sequence_length(pipe, value: int | None = None) -> int:
