@@ -160,8 +160,9 @@ def capture(pipe, mode: str = "exact", layers: str | Iterable[str] = "*", *, per
             latent_size: tuple[int, int] | int | None = None) -> Iterator[MapStore]:
     """Record cross-attention maps of everything `pipe` generates inside the `with` block.
 
-    Works on the pipelines of every family in `crossattn_sd.families` (SD 1.x/2.x, SDXL, SD3/SD3.5, FLUX.1)
-    and on their bare denoisers (`UNet2DConditionModel`, `SD3Transformer2DModel`, `FluxTransformer2DModel`).
+    Works on the pipelines of every family in `crossattn_sd.families` (SD 1.x/2.x, SDXL, SD3/SD3.5, FLUX.1,
+    FLUX.2, Chroma, Qwen-Image, Sana) and on their bare denoisers (`UNet2DConditionModel`, `SD3Transformer2DModel`,
+    `FluxTransformer2DModel`, ...).
     The original processors are restored on exit, also after an exception.
 
     Args:
