@@ -225,7 +225,7 @@ def generate(
 
     Args:
         pipe: a Diffusers pipeline of a supported family (SD 1.x/2.x, SDXL, SD3/SD3.5, FLUX.1, FLUX.2, Chroma,
-            Qwen-Image, Sana: `crossattn_sd.families`), e.g. from `load_pipeline()`.
+            Qwen-Image, Z-Image, Sana: `crossattn_sd.families`), e.g. from `load_pipeline()`.
         prompt (`str` or list of `str`): the prompt(s); an empty prompt is allowed (it has no words).
         negative_prompt (`str` or list, *optional*): what to steer away from (only with guidance > 1).
         seed (`int`): seed of the initial noise (drawn on the CPU, so it is the same image on any device).

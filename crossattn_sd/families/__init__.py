@@ -20,9 +20,10 @@ from .qwenimage import QwenImageFamily
 from .sana import SanaFamily
 from .sd3 import SD3Family
 from .unet import UNetFamily
+from .zimage import ZImageFamily
 
 FAMILIES: list[type[Family]] = [UNetFamily, SD3Family, FluxFamily, Flux2Family, ChromaFamily, SanaFamily,
-                                 QwenImageFamily]
+                                 QwenImageFamily, ZImageFamily]
 
 
 def denoiser_of(pipe_or_model):
@@ -55,4 +56,5 @@ def is_pipeline(obj) -> bool:
 
 
 __all__ = ["FAMILIES", "MODES", "ChromaFamily", "Family", "Flux2Family", "FluxFamily", "QwenImageFamily", "Recorder",
-           "SanaFamily", "Steering", "SD3Family", "UNetFamily", "denoiser_of", "family_of"]
+           "SanaFamily", "Steering", "SD3Family", "UNetFamily", "ZImageFamily", "denoiser_of",
+           "family_of"]

@@ -121,9 +121,17 @@ class Family:
     def is_text_layer(self, name: str, module) -> bool:
         raise NotImplementedError
 
+    def attn_processors(self) -> dict:
+        """The model's processors by layer (`"<layer>.processor"` keys): Diffusers' `attn_processors`."""
+        return self.model.attn_processors
+
+    def set_attn_processor(self, processors: dict) -> None:
+        """Set every layer's processor (one entry per key of `attn_processors`): Diffusers' `set_attn_processor`."""
+        self.model.set_attn_processor(processors)
+
     def layers(self, processors: dict | None = None) -> list[str]:
         """The text-conditioned attention layers, in forward order (`attn_processors` order)."""
-        processors = self.model.attn_processors if processors is None else processors
+        processors = self.attn_processors() if processors is None else processors
         names = [key.removesuffix(".processor") for key in processors]
         return [n for n in names if self.is_text_layer(n, self.model.get_submodule(n))]
 
