@@ -5,7 +5,9 @@
     >>> family.name, family.layers()[:1]
     ('sd3', ['transformer_blocks.0.attn'])
 
-Adding a family is one file: a `Family` subclass (see `base.py`) with its processor, appended to `FAMILIES`.
+Adding a family is one file: a `Family` subclass (see `base.py`) with its processor, appended to `FAMILIES` (and,
+for a preset of it in `configs/`, its name added to `config.PRESET_FAMILIES`). chroma.py, qwenimage.py, zimage.py
+and sana.py were added that way.
 """
 
 from __future__ import annotations
