@@ -15,7 +15,8 @@ CONFIG_DIR = PACKAGE_DIR / "configs"  # package data: a wheel installs it with t
 EMBEDDED = "embedded"
 PACKAGE_SOURCE = "package:"  # a preset source "package:tiny/weights-mmdit" is that folder of the installed package
 MAP_LAYERS = ("all", "finest")  # ModelPreset.map_layers
-PRESET_FAMILIES = ("sd", "sdxl", "sd3", "flux", "flux2")  # ModelPreset.family
+PRESET_FAMILIES = ("sd", "sdxl", "sd3", "flux", "flux2", "chroma", "sana", "qwenimage",
+                   "zimage")  # ModelPreset.family
 
 
 @dataclass(frozen=True)
@@ -26,8 +27,8 @@ class ModelPreset:
         name: the preset's name, as given to `--model`.
         source: "embedded" (the model shipped in the package), "package:FOLDER" (another pipeline folder shipped
             in the package, relative to it), a local folder, or a Hub id.
-        family: one of `PRESET_FAMILIES`: "sd" (SD 1.x / 2.x), "sdxl", "sd3" (SD3 / SD3.5), "flux" (FLUX.1) or
-            "flux2" (FLUX.2);
+        family: one of `PRESET_FAMILIES`: "sd" (SD 1.x / 2.x), "sdxl", "sd3" (SD3 / SD3.5), "flux" (FLUX.1),
+            "flux2" (FLUX.2), "chroma", "sana", "qwenimage" or "zimage";
             informative (the pipeline class comes from the model's own `model_index.json`).
         steps, guidance, height, width: generation defaults for this model.
         max_side: the largest height or width the UI offers (the model's training size bounds it).

@@ -224,8 +224,8 @@ def generate(
     """Generate images and record every word's cross-attention maps.
 
     Args:
-        pipe: a Diffusers pipeline of a supported family (SD 1.x/2.x, SDXL, SD3/SD3.5, FLUX.1), e.g. from
-            `load_pipeline()`.
+        pipe: a Diffusers pipeline of a supported family (SD 1.x/2.x, SDXL, SD3/SD3.5, FLUX.1, FLUX.2, Chroma,
+            Qwen-Image, Z-Image, Sana: `crossattn_sd.families`), e.g. from `load_pipeline()`.
         prompt (`str` or list of `str`): the prompt(s); an empty prompt is allowed (it has no words).
         negative_prompt (`str` or list, *optional*): what to steer away from (only with guidance > 1).
         seed (`int`): seed of the initial noise (drawn on the CPU, so it is the same image on any device).
@@ -335,8 +335,8 @@ def generate(
                            num_images_per_prompt=num_images_per_prompt,
                            latent_size=(height // factor, width // factor), alignment=align) as store:
             out = pipe(
-                prompt=call_prompts, **_negative(pipe, call_negative), num_inference_steps=steps,
-                guidance_scale=guidance_scale, height=height, width=width,
+                prompt=call_prompts, num_inference_steps=steps, height=height, width=width,
+                **{**_negative(pipe, call_negative), **family.guidance_kwargs(pipe, guidance_scale, call_negative)},
                 num_images_per_prompt=num_images_per_prompt, generator=generator,
                 callback_on_step_end=on_step_end, **family.pipeline_kwargs(pipe, max_sequence_length),
             )
@@ -360,11 +360,12 @@ def generate(
 
 
 def _negative(pipe, negative_prompt) -> dict:
-    """The pipeline call's `negative_prompt` argument; pipelines without one (FLUX.2) refuse a non-empty one."""
+    """The pipeline call's `negative_prompt` argument; pipelines without one (FLUX.2) refuse a non-empty one, and
+    None is left to the pipeline's own default (Sana's is "", and None fails there)."""
     import inspect
 
     if "negative_prompt" in inspect.signature(type(pipe).__call__).parameters:
-        return {"negative_prompt": negative_prompt}
+        return {} if negative_prompt is None else {"negative_prompt": negative_prompt}
     given = [negative_prompt] if isinstance(negative_prompt, str) else list(negative_prompt or [])
     if any(given):
         raise ValueError(f"{type(pipe).__name__} takes no negative prompt; leave negative_prompt empty")

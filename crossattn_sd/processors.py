@@ -75,7 +75,8 @@ def install(model, store: MapStore, factory: ProcessorFactory, layers: str | Ite
     restore the originals on exit, also after an error.
 
     `model` is a denoiser (UNet, transformer), a pipeline, or a family adapter (`families.family_of`) whose
-    processors the factory makes (per-call state such as Flux's text length lives in it). Every key of `attn_processors` is filled in one
+    processors the factory makes (per-call state such as Flux's text length lives in it). Every key of the family's
+    `attn_processors()` (the model's, or for a model without them each layer's) is filled in one
     `set_attn_processor` call: unmatched layers keep their processor. A forward pre-hook on the model tells the
     store where each model evaluation starts, with the latent size (maps are reshaped from it, so non-square
     images work) and the timestep; the store places each layer's tokens on the grid the family gives.
@@ -85,7 +86,7 @@ def install(model, store: MapStore, factory: ProcessorFactory, layers: str | Ite
     family = model if isinstance(model, Family) else family_of(model)  # the per-call adapter
     model = family.model
     family.latent_hint = family.latent_hw(latent_size)
-    originals = dict(model.attn_processors)
+    originals = dict(family.attn_processors())
     nested = [k for k, p in originals.items() if isinstance(p, Recorder)]
     if nested:
         raise RuntimeError(f"crossattn-sd processors are already installed on this {type(model).__name__} "
@@ -117,18 +118,21 @@ def install(model, store: MapStore, factory: ProcessorFactory, layers: str | Ite
         store.grid = family.token_grid
 
     def on_model_call(module, args, kwargs):
-        latent_hw, timestep = family.step_input(args, kwargs)
+        step = family.step_input(args, kwargs)
+        if step is None:  # no step, nothing recorded: guidance's unconditional pass run as its own call
+            return
+        latent_hw, timestep = step
         if isinstance(timestep, torch.Tensor):  # meta tensors (shape-only models) have no value to read
             timestep = timestep.flatten()[0].item() if timestep.numel() and not timestep.is_meta else None
         store.begin_call(latent_hw, timestep)
 
     hook = model.register_forward_pre_hook(on_model_call, with_kwargs=True)
     try:
-        model.set_attn_processor(new)
+        family.set_attn_processor(new)
         yield store
     finally:
         hook.remove()
-        model.set_attn_processor(originals)
+        family.set_attn_processor(originals)
     store.flush()  # the maps are complete when the block ends
 
 
@@ -157,8 +161,9 @@ def capture(pipe, mode: str = "exact", layers: str | Iterable[str] = "*", *, per
             latent_size: tuple[int, int] | int | None = None) -> Iterator[MapStore]:
     """Record cross-attention maps of everything `pipe` generates inside the `with` block.
 
-    Works on the pipelines of every family in `crossattn_sd.families` (SD 1.x/2.x, SDXL, SD3/SD3.5, FLUX.1)
-    and on their bare denoisers (`UNet2DConditionModel`, `SD3Transformer2DModel`, `FluxTransformer2DModel`).
+    Works on the pipelines of every family in `crossattn_sd.families` (SD 1.x/2.x, SDXL, SD3/SD3.5, FLUX.1,
+    FLUX.2, Chroma, Qwen-Image, Z-Image, Sana) and on their bare denoisers (`UNet2DConditionModel`,
+    `SD3Transformer2DModel`, `FluxTransformer2DModel`, ...).
     The original processors are restored on exit, also after an exception.
 
     Args:

@@ -171,3 +171,37 @@ def offset_alignment(part: PromptTokens, offset: int, tokens: tuple[str, ...]) -
         dropped_words=part.dropped_words,
         special_indices={k: tuple(i + offset for i in v) for k, v in part.special_indices.items()},
     )
+
+
+def align_in_text(tokenizer, prompt: str, text: str, base: int, encoding, keep: list[int],
+                  start: tuple[int, ...] = ()) -> PromptTokens:
+    """Align `prompt`'s words to the text-encoder positions a pipeline keeps of a longer text that holds it.
+
+    Args:
+        tokenizer: the tokenizer that made `encoding` (for the token strings).
+        prompt (`str`): the prompt as given.
+        text (`str`): the text tokenized (a template or an instruction around the prompt, maybe lower-cased).
+        base (`int`): where the prompt's character 0 sits in `text` (a word is aligned only if `text` reads the same
+            there, case aside).
+        encoding: `tokenizer(text, ..., return_offsets_mapping=True)`.
+        keep (list of `int`): the token positions the pipeline passes on, in order (its text sequence).
+        start (tuple of `int`): positions (in the kept sequence) that are a start token.
+    Template and instruction tokens belong to no word; tokens with attention mask 0 are "pad"; a word none of whose
+    tokens was kept, or only part of, is a dropped word.
+    """
+    ids = [encoding["input_ids"][i] for i in keep]
+    offsets = [tuple(encoding["offset_mapping"][i]) for i in keep]
+    mask = encoding.get("attention_mask")
+    pad = tuple(k for k, i in enumerate(keep) if mask is not None and not mask[i])
+    words, dropped = [], []
+    for m in _WORD_RE.finditer(prompt):
+        s, e = base + m.start(), base + m.end()
+        idx = ()
+        if text[s:e].lower() == m.group(0).lower():
+            idx = tuple(k for k, (t0, t1) in enumerate(offsets) if k not in pad and t0 < e and s < t1)
+        if idx and offsets[idx[0]][0] <= s and max(offsets[k][1] for k in idx) >= e:
+            words.append(Word(m.group(0), idx, m.start(), m.end()))
+        else:
+            dropped.append(m.group(0))
+    return PromptTokens(prompt=prompt, tokens=tuple(tokenizer.convert_ids_to_tokens(ids)), words=tuple(words),
+                        dropped_words=tuple(dropped), special_indices={"start": tuple(start), "end": (), "pad": pad})

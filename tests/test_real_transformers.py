@@ -15,7 +15,9 @@ from crossattn_sd.families.sd3 import JointCaptureProcessor
 from crossattn_sd.processors import cross_attention_layers
 
 CONFIGS = Path(__file__).parent / "configs"
-FAMILY_OF_PRESET = {"sd": "unet", "sdxl": "unet", "sd3": "sd3", "flux": "flux", "flux2": "flux2"}
+FAMILY_OF_PRESET = {"sd": "unet", "sdxl": "unet", "sd3": "sd3", "flux": "flux", "flux2": "flux2",
+                    "chroma": "chroma", "sana": "sana", "qwenimage": "qwenimage",
+                    "zimage": "zimage"}
 
 
 @pytest.mark.parametrize("name, source, family, size, steps, guidance", [
@@ -24,6 +26,10 @@ FAMILY_OF_PRESET = {"sd": "unet", "sdxl": "unet", "sd3": "sd3", "flux": "flux", 
     ("flux1-dev", "black-forest-labs/FLUX.1-dev", "flux", 1024, 28, 3.5),
     ("flux1-schnell", "black-forest-labs/FLUX.1-schnell", "flux", 1024, 4, 0.0),
     ("flux2-klein-4b", "black-forest-labs/FLUX.2-klein-4B", "flux2", 1024, 4, 1.0),
+    ("chroma1-hd", "lodestones/Chroma1-HD", "chroma", 1024, 40, 3.0),
+    ("sana-1600m-1024", "Efficient-Large-Model/Sana_1600M_1024px_BF16_diffusers", "sana", 1024, 20, 4.5),
+    ("qwen-image", "Qwen/Qwen-Image", "qwenimage", 1328, 50, 4.0),
+    ("z-image-turbo", "Tongyi-MAI/Z-Image-Turbo", "zimage", 1024, 9, 0.0),
 ])
 def test_transformer_presets(name, source, family, size, steps, guidance):
     preset = load_presets()[name]

@@ -5,7 +5,9 @@
     >>> family.name, family.layers()[:1]
     ('sd3', ['transformer_blocks.0.attn'])
 
-Adding a family is one file: a `Family` subclass (see `base.py`) with its processor, appended to `FAMILIES`.
+Adding a family is one file: a `Family` subclass (see `base.py`) with its processor, appended to `FAMILIES` (and,
+for a preset of it in `configs/`, its name added to `config.PRESET_FAMILIES`). chroma.py, qwenimage.py, zimage.py
+and sana.py were added that way.
 """
 
 from __future__ import annotations
@@ -13,12 +15,17 @@ from __future__ import annotations
 import torch
 
 from .base import MODES, Family, Recorder, Steering
+from .chroma import ChromaFamily
 from .flux import FluxFamily
 from .flux2 import Flux2Family
+from .qwenimage import QwenImageFamily
+from .sana import SanaFamily
 from .sd3 import SD3Family
 from .unet import UNetFamily
+from .zimage import ZImageFamily
 
-FAMILIES: list[type[Family]] = [UNetFamily, SD3Family, FluxFamily, Flux2Family]
+FAMILIES: list[type[Family]] = [UNetFamily, SD3Family, FluxFamily, Flux2Family, ChromaFamily, SanaFamily,
+                                 QwenImageFamily, ZImageFamily]
 
 
 def denoiser_of(pipe_or_model):
@@ -50,6 +57,6 @@ def is_pipeline(obj) -> bool:
     return not isinstance(obj, torch.nn.Module)
 
 
-__all__ = ["FAMILIES", "MODES", "Family", "Flux2Family", "FluxFamily", "Recorder", "Steering", "SD3Family",
-           "UNetFamily",
-           "denoiser_of", "family_of"]
+__all__ = ["FAMILIES", "MODES", "ChromaFamily", "Family", "Flux2Family", "FluxFamily", "QwenImageFamily", "Recorder",
+           "SanaFamily", "Steering", "SD3Family", "UNetFamily", "ZImageFamily", "denoiser_of",
+           "family_of"]

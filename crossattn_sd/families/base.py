@@ -7,10 +7,13 @@ A `Family` is bound to one denoiser (a UNet or a transformer) and answers, for t
 - `token_grid(latent_hw, num_queries)`: where a layer's image tokens sit on the (h, w) grid for a latent;
   `layer_sizes(latent_hw)`: that grid for every layer;
 - `step_input(args, kwargs)`: where a step begins: the latent size and timestep of a denoiser call (read by a
-  forward pre-hook on the denoiser);
+  forward pre-hook on the denoiser), or None for a call that is no step and records nothing (the unconditional
+  pass of pipelines that run classifier-free guidance as a second call: `SeparateGuidance`);
+- `recorded(store, batch)`: the rows of a call's batch whose maps are kept;
 - `processor(store, layer, mode, original, steering)`: the processor that records (and steers) one layer;
 - `text_positions(pipe, prompt, ...)`: which tokenizer owns which text positions, as a `PromptTokens`;
-- `native_latent_size()`, `pipeline_kwargs(...)`: what `generate` needs to call the pipeline.
+- `native_latent_size()`, `pipeline_kwargs(...)`, `guidance_kwargs(...)`: what `generate` needs to call the
+  pipeline.
 
 `processors.py`, `maps.py` and `pipeline.py` ask these questions and name no architecture.
 """
@@ -118,9 +121,17 @@ class Family:
     def is_text_layer(self, name: str, module) -> bool:
         raise NotImplementedError
 
+    def attn_processors(self) -> dict:
+        """The model's processors by layer (`"<layer>.processor"` keys): Diffusers' `attn_processors`."""
+        return self.model.attn_processors
+
+    def set_attn_processor(self, processors: dict) -> None:
+        """Set every layer's processor (one entry per key of `attn_processors`): Diffusers' `set_attn_processor`."""
+        self.model.set_attn_processor(processors)
+
     def layers(self, processors: dict | None = None) -> list[str]:
         """The text-conditioned attention layers, in forward order (`attn_processors` order)."""
-        processors = self.model.attn_processors if processors is None else processors
+        processors = self.attn_processors() if processors is None else processors
         names = [key.removesuffix(".processor") for key in processors]
         return [n for n in names if self.is_text_layer(n, self.model.get_submodule(n))]
 
@@ -147,6 +158,11 @@ class Family:
     def processor(self, store, layer: str, mode: str = "exact", original=None, steering: Steering | None = None):
         raise NotImplementedError
 
+    def recorded(self, store, batch: int) -> slice:
+        """The rows of this call's batch whose maps are kept: the store's (the conditional half under guidance
+        batched as [unconditional, conditional])."""
+        return store.conditional(batch)
+
     # -- text ----------------------------------------------------------------------------------------------
 
     def text_parts(self, pipe) -> list[str]:
@@ -159,6 +175,45 @@ class Family:
     def pipeline_kwargs(self, pipe, max_sequence_length: int | None = None) -> dict:
         """Extra keyword arguments `generate` passes to the pipeline call."""
         return {}
+
+    def guidance_kwargs(self, pipe, guidance_scale: float, negative_prompt) -> dict:
+        """The pipeline call's guidance arguments for `generate`'s guidance scale (and its negative prompt, None
+        when not given); they override the negative prompt argument."""
+        return {"guidance_scale": guidance_scale}
+
+
+class SeparateGuidance:
+    """For a family whose pipelines run classifier-free guidance as a second denoiser call on the same latents
+    after the conditional one (Chroma, Qwen-Image): that call's batch holds the negative prompt only, so it is no
+    step and records nothing. Mix in before the `Family` class and ask `unconditional_call` in `step_input`."""
+
+    _last_call = None  # (latents, timestep) of the previous denoiser call
+    unconditional = False
+
+    def unconditional_call(self, latents: torch.Tensor, timestep) -> bool:
+        """Whether this call evaluates the very latents of the previous call at the same timestep again: the
+        unconditional pass (each step's conditional call gets the latents the scheduler just made)."""
+        last, self._last_call = self._last_call, (latents, timestep)
+        self.unconditional = (last is not None and last[0] is latents
+                              and (last[1] is timestep or _same_value(last[1], timestep)))
+        return self.unconditional
+
+    def recorded(self, store, batch: int) -> slice:
+        return slice(0, 0) if self.unconditional else slice(0, batch)
+
+
+def _same_value(a, b) -> bool:
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a.shape == b.shape and not a.is_meta and bool((a == b).all())
+    return a == b
+
+
+def additive_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """An attention mask as SDPA applies it, in additive form: a boolean mask keeps True (0) and drops False
+    (-inf); a float mask is added to the scores as it is."""
+    if mask is None or mask.dtype != torch.bool:
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
 def check_mode(mode: str) -> None:
