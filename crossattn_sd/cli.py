@@ -31,8 +31,9 @@ def _add_run_options(p: argparse.ArgumentParser, *, device_default: str) -> None
     p.add_argument("--scheduler", default="default", help="scheduler: default, dpm++, euler, euler-a, ddim, unipc, pndm")
     p.add_argument("--mode", default="exact", choices=("exact", "explicit"),
                    help="capture mode: exact (images identical to Diffusers) or explicit (probs @ V)")
-    p.add_argument("--processor", default="capture", choices=("default", "capture", "reweight", "edit"),
-                   help="attention processor on the cross-attention layers")
+    p.add_argument("--processor", default="capture", choices=("default", "capture", "reweight", "edit", "uniform"),
+                   help="attention processor on the cross-attention layers (uniform: each pixel gets the mean of "
+                        "the text values on the chosen --layers; UNet models)")
     p.add_argument("--weights", default="", help="reweight: word:weight pairs, e.g. 'circle:2.0, red:0.5'")
     p.add_argument("--edit-prompt", default=None, help="edit: the edited prompt (same seed, source maps injected)")
     p.add_argument("--inject", type=float, default=0.8, help="edit: fraction of steps that use the source's maps")

@@ -63,6 +63,27 @@ def match_layers(names: Iterable[str], layers: str | Iterable[str] = "*",
     return [n for n in names if n in chosen]
 
 
+def select_layers(family: Family, layers: str | Iterable[str] = "*", latent_size=None,
+                  text_layers: list[str] | None = None) -> set[str]:
+    """The family's text-attention layers (`text_layers`, default all) that `layers` selects (see `match_layers`;
+    resolutions of a `latent_size` latent); selecting none is a ValueError naming the layers and sizes there are."""
+    text_layers = family.layers() if text_layers is None else text_layers
+    selectors = [layers] if isinstance(layers, str) else list(layers)
+    by_size = any(_RESOLUTION.match(sel.strip()) for sel in selectors)
+    sizes = family.layer_sizes(latent_size, text_layers) if by_size else None  # a model walk only when needed
+    chosen = set(match_layers(text_layers, layers, sizes))
+    if not chosen:
+        sizes = sizes or family.layer_sizes(latent_size, text_layers)
+        example = repr(text_layers[0]) if text_layers else f"(this {type(family.model).__name__} has none)"
+        found = sorted({f"{h}x{w}" for h, w in sizes.values()}, key=lambda r: -int(r.split("x")[0]))
+        shown = layers if isinstance(layers, str) else ", ".join(layers)
+        raise ValueError(f"layers={shown!r} matches no {family.layer_kind} layer; names look like {example} and "
+                         f"map sizes are {', '.join(found) or '(none)'} (use glob patterns such as '*' or "
+                         f"'{text_layers[0].split('.')[0] if text_layers else 'up_blocks'}.*', or resolutions "
+                         "such as '16')")
+    return chosen
+
+
 ProcessorFactory = Callable[..., object]  # (store, layer) or (store, layer, original)
 
 
@@ -91,20 +112,7 @@ def install(model, store: MapStore, factory: ProcessorFactory, layers: str | Ite
         raise RuntimeError(f"crossattn-sd processors are already installed on this {type(model).__name__} "
                            f"({nested[0].removesuffix('.processor')}, ...); finish the first capture() block before "
                            "starting another")
-    text_layers = family.layers(originals)
-    selectors = [layers] if isinstance(layers, str) else list(layers)
-    by_size = any(_RESOLUTION.match(sel.strip()) for sel in selectors)
-    sizes = family.layer_sizes(latent_size, text_layers) if by_size else None  # a model walk only when needed
-    chosen = set(match_layers(text_layers, layers, sizes))
-    if not chosen:
-        sizes = sizes or family.layer_sizes(latent_size, text_layers)
-        example = repr(text_layers[0]) if text_layers else f"(this {type(model).__name__} has none)"
-        found = sorted({f"{h}x{w}" for h, w in sizes.values()}, key=lambda r: -int(r.split("x")[0]))
-        shown = layers if isinstance(layers, str) else ", ".join(layers)
-        raise ValueError(f"layers={shown!r} matches no {family.layer_kind} layer; names look like {example} and "
-                         f"map sizes are {', '.join(found) or '(none)'} (use glob patterns such as '*' or "
-                         f"'{text_layers[0].split('.')[0] if text_layers else 'up_blocks'}.*', or resolutions "
-                         "such as '16')")
+    chosen = select_layers(family, layers, latent_size, family.layers(originals))
     with_original = _takes_original(factory)
     new = {}
     for key, proc in originals.items():

@@ -69,6 +69,8 @@ GENERATE_HELP = {
     "capture": "Records every word's maps; exact mode gives the same image as Diffusers.",
     "reweight": "Scales the attention chosen words get (prompt-to-prompt re-weighting).",
     "edit": "Prompt-to-prompt editing: the edited prompt reuses the source's maps for the first steps.",
+    "uniform": "Every pixel attends equally to every token (the mean of the values) on the chosen layers: what "
+               "spatial attention adds. Its maps are flat by construction.",
 }
 
 
