@@ -68,6 +68,10 @@ def select_layers(family: Family, layers: str | Iterable[str] = "*", latent_size
     """The family's text-attention layers (`text_layers`, default all) that `layers` selects (see `match_layers`;
     resolutions of a `latent_size` latent); selecting none is a ValueError naming the layers and sizes there are."""
     text_layers = family.layers() if text_layers is None else text_layers
+    if not text_layers:
+        raise ValueError(f"this {type(family.model).__name__} has no {family.layer_kind} layers, so there is nothing "
+                         "to steer or record (a model conditioned without attention, such as tiny-film's FiLM UNet); "
+                         "use the capture or default processor")
     selectors = [layers] if isinstance(layers, str) else list(layers)
     by_size = any(_RESOLUTION.match(sel.strip()) for sel in selectors)
     sizes = family.layer_sizes(latent_size, text_layers) if by_size else None  # a model walk only when needed
@@ -167,7 +171,8 @@ def capture(pipe, mode: str = "exact", layers: str | Iterable[str] = "*", *, per
 
     Works on the pipelines of every family in `crossattn_sd.families` (SD 1.x/2.x, SDXL, SD3/SD3.5, FLUX.1)
     and on their bare denoisers (`UNet2DConditionModel`, `SD3Transformer2DModel`, `FluxTransformer2DModel`).
-    The original processors are restored on exit, also after an exception.
+    The original processors are restored on exit, also after an exception. A model without text-attention layers
+    (tiny-film's FiLM UNet) records nothing with `layers="*"`.
 
     Args:
         pipe: a Diffusers pipeline (or its denoiser).
@@ -189,6 +194,10 @@ def capture(pipe, mode: str = "exact", layers: str | Iterable[str] = "*", *, per
     store = MapStore(per_step=per_step, keep_heads=keep_heads, max_step_bytes=max_step_bytes,
                      cfg=guidance_probe(pipe))
     family = family_of(pipe)
+    everything = all(sel.strip() == "*" for sel in ([layers] if isinstance(layers, str) else list(layers)))
+    if everything and not family.layers():  # no text attention at all (tiny-film's FiLM UNet): nothing to record
+        yield store
+        return
     with install(family, store, lambda s, layer, original: family.processor(s, layer, mode, original), layers,
                  latent_size):
         yield store
