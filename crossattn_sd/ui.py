@@ -274,7 +274,7 @@ class Handlers:
         """The word chips of the image on show; the chosen word stays if this prompt has it."""
         two = len(entry.result.images) > 1
         whose = ("the edited prompt" if entry.index else "the source prompt") if two else "the prompt"
-        info = f"click a word of {whose}" if entry.has_maps else "the default processor records no maps"
+        info = f"click a word of {whose}" if entry.has_maps else "no maps: the default processor and FiLM have none"
         if not entry.has_maps:  # the words, none chosen: there is no map of any
             return gr.update(choices=c.words, value=None, interactive=False, info=info)
         return gr.update(choices=c.words, value=word if word in c.words else c.default_word, interactive=True,

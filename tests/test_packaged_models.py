@@ -51,3 +51,27 @@ def test_ship_weights_leaves_out_the_components_it_shares(tmp_path):
 def test_components_from_names_a_packaged_folder():
     with pytest.raises(ValueError, match="components_from must be"):
         ModelPreset(name="x", source="package:tiny/weights-untaught", components_from="/elsewhere")
+
+
+def test_tiny_film_loads_offline_without_attention_and_eval_says_its_iou_is_not_defined(capsys):
+    from crossattn_sd.tiny import evaluate
+
+    source = folder("tiny-film")
+    assert sorted(p.name for p in source.iterdir() if p.is_dir()) == ["text_encoder", "unet"]
+    assert folder_size(source) <= 30 * 2**20
+    torch.set_num_threads(1)
+    film = load_pipeline("tiny-film", device="cpu")
+    assert film.unet.attn_processors == {} and film.unet.config.addition_embed_type == "text"
+    assert film.vae.config.scaling_factor == load_pipeline("tiny", device="cpu").vae.config.scaling_factor
+    result = generate(film, PROMPT, seed=0, steps=4)  # capture records nothing on it, and says so on a word
+    assert result.store.layers == [] and np.asarray(result.images[0]).shape == (64, 64, 3)
+    with pytest.raises(ValueError, match="no attention maps"):
+        result.heatmap("circle")
+    with pytest.raises(ValueError, match="has no cross-attention layers"):
+        from crossattn_sd.steering import ProcessorSpec
+
+        generate(film, PROMPT, seed=0, steps=2, processor=ProcessorSpec("reweight", weights=(("circle", 2.0),)))
+    assert evaluate.main(["--model", "tiny-film", "--n", "2", "--steps", "4", "--threads", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "map IoU: not defined: this model has no attention maps (FiLM" in printed
+    assert "mean IoU" not in printed and "parameters: unet 2,329,156" in printed
