@@ -1,6 +1,6 @@
 """crossattn-sd: generate images and see where each word of the prompt went.
 
-Subcommands: generate, compare, batch, serve, train-tiny, eval-tiny, presets. Run `crossattn-sd SUBCOMMAND --help`.
+Subcommands: generate, compare, batch, mechanisms, serve, train-tiny, eval-tiny, presets. Run `crossattn-sd SUBCOMMAND --help`.
 A thin argparse layer over the same functions the web UI calls.
 """
 
@@ -31,8 +31,9 @@ def _add_run_options(p: argparse.ArgumentParser, *, device_default: str) -> None
     p.add_argument("--scheduler", default="default", help="scheduler: default, dpm++, euler, euler-a, ddim, unipc, pndm")
     p.add_argument("--mode", default="exact", choices=("exact", "explicit"),
                    help="capture mode: exact (images identical to Diffusers) or explicit (probs @ V)")
-    p.add_argument("--processor", default="capture", choices=("default", "capture", "reweight", "edit"),
-                   help="attention processor on the cross-attention layers")
+    p.add_argument("--processor", default="capture", choices=("default", "capture", "reweight", "edit", "uniform"),
+                   help="attention processor on the cross-attention layers (uniform: each pixel gets the mean of "
+                        "the text values on the chosen --layers; UNet models)")
     p.add_argument("--weights", default="", help="reweight: word:weight pairs, e.g. 'circle:2.0, red:0.5'")
     p.add_argument("--edit-prompt", default=None, help="edit: the edited prompt (same seed, source maps injected)")
     p.add_argument("--inject", type=float, default=0.8, help="edit: fraction of steps that use the source's maps")
@@ -125,6 +126,18 @@ def build_parser(serve_prog: str | None = None) -> argparse.ArgumentParser:
                            "timings, errors). Resumable; under `accelerate launch -m crossattn_sd batch ...` the rows "
                            "are split between the processes.", formatter_class=fmt)
     _add_batch_args(batch)
+    mech = sub.add_parser("mechanisms", help="the same prompt and seed on the four embedded models (cross-attention, "
+                          "untaught cross-attention, joint attention, FiLM): images, verdicts and a word's maps",
+                          description="Generate the prompt with one seed on tiny, tiny-untaught, tiny-mmdit and "
+                          "tiny-film; write each image, each attention model's map of the chosen word, "
+                          "mechanisms.png (side by side) and mechanisms.json (the judge's verdict per object, seconds, "
+                          "notes).", formatter_class=fmt)
+    mech.add_argument("prompt", help="a caption of the shapes world, e.g. 'a red circle on the left and a blue square "
+                      "on the right' (others are drawn but not judged)")
+    mech.add_argument("--out", required=True, type=Path, help="output folder (created if needed)")
+    mech.add_argument("--seed", type=int, default=0, help="seed of the initial noise, the same for every model")
+    mech.add_argument("--word", default=None, help="the word whose maps are shown (default: the first object's shape)")
+    mech.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     return parser
 
 
@@ -336,6 +349,23 @@ def cmd_batch(args) -> int:
     return 0  # failed rows are data (in the index), not a failed run: launchers report a non-zero exit as a crash
 
 
+def cmd_mechanisms(args) -> int:
+    import torch
+
+    from .mechanisms import Mechanisms, save
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    panels = Mechanisms().run(args.prompt, seed=args.seed, word=args.word)
+    save(panels, args.out, args.prompt, args.seed)
+    for p in panels:
+        verdict = p.verdict_text().replace("\n", "; ")
+        shown = f"map of {p.word!r}: {args.out / f'{p.model}-{p.word}.png'}" if p.heatmap is not None else p.note
+        print(f"{p.model} ({p.mechanism}), {p.seconds:.2f} s\n  {verdict}\n  {shown}")
+    print(f"side by side: {args.out / 'mechanisms.png'}")
+    return 0
+
+
 def cmd_presets(args) -> int:
     from .config import load_presets
 
@@ -357,7 +387,7 @@ def main(argv: list[str] | None = None, serve_prog: str | None = None) -> int:
     args = build_parser(serve_prog).parse_args(argv)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     commands = {"generate": cmd_generate, "compare": cmd_compare, "serve": cmd_serve, "presets": cmd_presets,
-                "batch": cmd_batch}
+                "batch": cmd_batch, "mechanisms": cmd_mechanisms}
     try:
         return commands[args.command](args)
     except (ValueError, FileNotFoundError, PermissionError, OSError) as err:

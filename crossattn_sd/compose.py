@@ -134,8 +134,7 @@ def unet_processor(store: MapStore, layer: str, mode: str, original, steering=No
 
     if mode == "explicit" or steering is not None:
         if not isinstance(original, PLAIN_PROCESSORS):
-            what = ("capture (explicit mode)" if steering is None
-                    else "reweight" if steering.token_map is None else "edit")
+            what = "capture (explicit mode)" if steering is None else steering.name
             raise ValueError(f"the {what} processor would replace layer {layer}'s {type(original).__name__} and drop "
                              "what it adds; use capture in exact mode, leave the layer out with layers=..., or remove "
                              "it first (e.g. pipe.unload_ip_adapter())")

@@ -42,6 +42,9 @@ class ModelPreset:
         description: one line for `--help` and the UI.
         vocabulary: the words a closed-vocabulary model was trained on (the embedded models); a prompt's other
             words are named before generation, since the model never learned them. Empty: an open vocabulary.
+        components_from: for a packaged model that shares components with another one: "embedded" or
+            "package:FOLDER"; the components the source's model_index.json lists but whose subfolder the source
+            lacks (the shapes-world models' VAE, tokenizer and scheduler) are loaded from there. None: none shared.
     """
 
     name: str
@@ -58,6 +61,7 @@ class ModelPreset:
     examples: tuple[str, ...] = ()
     description: str = ""
     vocabulary: tuple[str, ...] = ()
+    components_from: str | None = None
 
     def __post_init__(self):
         if self.family not in PRESET_FAMILIES:
@@ -67,6 +71,10 @@ class ModelPreset:
         if bad:
             raise ValueError(f"preset {self.name!r}: vocabulary entries must be words, got {bad!r} (quote words "
                              "such as \"on\" and \"no\", which YAML reads as true/false)")
+        if self.components_from is not None and not (self.components_from == EMBEDDED
+                                                     or self.components_from.startswith(PACKAGE_SOURCE)):
+            raise ValueError(f"preset {self.name!r}: components_from must be \"embedded\" or \"package:FOLDER\", "
+                             f"got {self.components_from!r}")
         if self.map_layers not in MAP_LAYERS:
             raise ValueError(f"preset {self.name!r}: map_layers must be one of {', '.join(MAP_LAYERS)}, "
                              f"got {self.map_layers!r}")

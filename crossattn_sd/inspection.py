@@ -31,8 +31,9 @@ if TYPE_CHECKING:
 
 # Words that rarely carry a region of their own: the word chips start on the first word that is not one.
 FUNCTION_WORDS = {"a", "an", "the", "on", "in", "at", "of", "and", "with", "to", "is", "by"}
-NO_MAPS = ("this result has no attention maps: the default processor records none; generate with the capture, "
-           "reweight or edit processor to see where each word went")
+NO_MAPS = ("this result has no attention maps: the default processor records none, and a model without attention "
+           "(tiny-film: FiLM) has none to record; generate with the capture, reweight or edit processor on an attention "
+           "model to see where each word went")
 
 
 @dataclass(frozen=True)

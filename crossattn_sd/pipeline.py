@@ -7,6 +7,7 @@ the images, the prompt's word alignment and the recorded maps.
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import json
 import math
@@ -88,12 +89,7 @@ def load_pipeline(model: str | None = None, *, device: str | None = None, dtype:
         preset = presets[EMBEDDED_PRESET.name]  # configs/tiny.yaml
     packaged = name == EMBEDDED or name.startswith(PACKAGE_SOURCE)
     if packaged:
-        source = EMBEDDED_MODEL_DIR if name == EMBEDDED else PACKAGE_DIR / name[len(PACKAGE_SOURCE):]
-        if not (source / "model_index.json").is_file():
-            raise FileNotFoundError(
-                f"the embedded model {name!r} is missing from this install ({source}); reinstall crossattn-sd, or "
-                "train it with `crossattn-sd train-tiny` (README: The embedded model) and ship the export there"
-            )
+        source = _packaged_folder(name)
     elif _looks_like_path(name):
         source = Path(name).expanduser()
         if not source.exists():
@@ -114,7 +110,10 @@ def load_pipeline(model: str | None = None, *, device: str | None = None, dtype:
     if dtype is None:
         dtype = torch.float16 if device == "cuda" and not packaged else torch.float32
     try:  # (`torch_dtype` is deprecated in 0.42)
-        pipe = DiffusionPipeline.from_pretrained(source, dtype=dtype, **_absent_components(source))
+        shared = {}
+        if packaged and preset is not None and preset.components_from is not None:
+            shared = _shared_components(source, _packaged_folder(preset.components_from), dtype)
+        pipe = DiffusionPipeline.from_pretrained(source, dtype=dtype, **_absent_components(source), **shared)
     except OSError as err:
         if isinstance(source, str):
             raise OSError(
@@ -140,6 +139,36 @@ def load_pipeline(model: str | None = None, *, device: str | None = None, dtype:
 def native_size(pipe) -> int:
     """The image side the model was made for: its denoiser's `sample_size` times the VAE factor."""
     return family_of(pipe).native_latent_size() * int(getattr(pipe, "vae_scale_factor", 8))
+
+
+def _packaged_folder(name: str) -> Path:
+    """The pipeline folder of "embedded" or "package:FOLDER" in the installed package."""
+    source = EMBEDDED_MODEL_DIR if name == EMBEDDED else PACKAGE_DIR / name[len(PACKAGE_SOURCE):]
+    if not (source / "model_index.json").is_file():
+        raise FileNotFoundError(
+            f"the embedded model {name!r} is missing from this install ({source}); reinstall crossattn-sd, or "
+            "train it with `crossattn-sd train-tiny` (README: The embedded model) and ship the export there"
+        )
+    return source
+
+
+def _shared_components(source: Path, base: Path, dtype) -> dict:
+    """The components `source`'s model_index.json lists but whose subfolder `source` lacks, loaded from the pipeline
+    folder `base` (a preset's `components_from`): the packaged shapes-world models share one VAE, tokenizer and
+    scheduler this way instead of shipping copies. Diffusers' `from_pretrained` takes them as passed components."""
+    entries = json.loads((source / "model_index.json").read_text())
+    shared = {}
+    for name, entry in entries.items():
+        if not (isinstance(entry, list) and len(entry) == 2 and entry[0] is not None) or (source / name).is_dir():
+            continue
+        if not (base / name).is_dir():
+            raise FileNotFoundError(f"{source} has no {name}/ and neither has {base}, which it shares components "
+                                    "with; reinstall crossattn-sd")
+        library, class_name = entry
+        cls = getattr(importlib.import_module(library), class_name)
+        options = dict(dtype=dtype) if issubclass(cls, torch.nn.Module) else {}
+        shared[name] = cls.from_pretrained(base / name, **options)
+    return shared
 
 
 def _absent_components(source) -> dict:

@@ -63,6 +63,31 @@ def match_layers(names: Iterable[str], layers: str | Iterable[str] = "*",
     return [n for n in names if n in chosen]
 
 
+def select_layers(family: Family, layers: str | Iterable[str] = "*", latent_size=None,
+                  text_layers: list[str] | None = None) -> set[str]:
+    """The family's text-attention layers (`text_layers`, default all) that `layers` selects (see `match_layers`;
+    resolutions of a `latent_size` latent); selecting none is a ValueError naming the layers and sizes there are."""
+    text_layers = family.layers() if text_layers is None else text_layers
+    if not text_layers:
+        raise ValueError(f"this {type(family.model).__name__} has no {family.layer_kind} layers, so there is nothing "
+                         "to steer or record (a model conditioned without attention, such as tiny-film's FiLM UNet); "
+                         "use the capture or default processor")
+    selectors = [layers] if isinstance(layers, str) else list(layers)
+    by_size = any(_RESOLUTION.match(sel.strip()) for sel in selectors)
+    sizes = family.layer_sizes(latent_size, text_layers) if by_size else None  # a model walk only when needed
+    chosen = set(match_layers(text_layers, layers, sizes))
+    if not chosen:
+        sizes = sizes or family.layer_sizes(latent_size, text_layers)
+        example = repr(text_layers[0]) if text_layers else f"(this {type(family.model).__name__} has none)"
+        found = sorted({f"{h}x{w}" for h, w in sizes.values()}, key=lambda r: -int(r.split("x")[0]))
+        shown = layers if isinstance(layers, str) else ", ".join(layers)
+        raise ValueError(f"layers={shown!r} matches no {family.layer_kind} layer; names look like {example} and "
+                         f"map sizes are {', '.join(found) or '(none)'} (use glob patterns such as '*' or "
+                         f"'{text_layers[0].split('.')[0] if text_layers else 'up_blocks'}.*', or resolutions "
+                         "such as '16')")
+    return chosen
+
+
 ProcessorFactory = Callable[..., object]  # (store, layer) or (store, layer, original)
 
 
@@ -92,20 +117,7 @@ def install(model, store: MapStore, factory: ProcessorFactory, layers: str | Ite
         raise RuntimeError(f"crossattn-sd processors are already installed on this {type(model).__name__} "
                            f"({nested[0].removesuffix('.processor')}, ...); finish the first capture() block before "
                            "starting another")
-    text_layers = family.layers(originals)
-    selectors = [layers] if isinstance(layers, str) else list(layers)
-    by_size = any(_RESOLUTION.match(sel.strip()) for sel in selectors)
-    sizes = family.layer_sizes(latent_size, text_layers) if by_size else None  # a model walk only when needed
-    chosen = set(match_layers(text_layers, layers, sizes))
-    if not chosen:
-        sizes = sizes or family.layer_sizes(latent_size, text_layers)
-        example = repr(text_layers[0]) if text_layers else f"(this {type(model).__name__} has none)"
-        found = sorted({f"{h}x{w}" for h, w in sizes.values()}, key=lambda r: -int(r.split("x")[0]))
-        shown = layers if isinstance(layers, str) else ", ".join(layers)
-        raise ValueError(f"layers={shown!r} matches no {family.layer_kind} layer; names look like {example} and "
-                         f"map sizes are {', '.join(found) or '(none)'} (use glob patterns such as '*' or "
-                         f"'{text_layers[0].split('.')[0] if text_layers else 'up_blocks'}.*', or resolutions "
-                         "such as '16')")
+    chosen = select_layers(family, layers, latent_size, family.layers(originals))
     with_original = _takes_original(factory)
     new = {}
     for key, proc in originals.items():
@@ -164,7 +176,8 @@ def capture(pipe, mode: str = "exact", layers: str | Iterable[str] = "*", *, per
     Works on the pipelines of every family in `crossattn_sd.families` (SD 1.x/2.x, SDXL, SD3/SD3.5, FLUX.1,
     FLUX.2, Chroma, Qwen-Image, Z-Image, Sana) and on their bare denoisers (`UNet2DConditionModel`,
     `SD3Transformer2DModel`, `FluxTransformer2DModel`, ...).
-    The original processors are restored on exit, also after an exception.
+    The original processors are restored on exit, also after an exception. A model without text-attention layers
+    (tiny-film's FiLM UNet) records nothing with `layers="*"`.
 
     Args:
         pipe: a Diffusers pipeline (or its denoiser).
@@ -186,6 +199,10 @@ def capture(pipe, mode: str = "exact", layers: str | Iterable[str] = "*", *, per
     store = MapStore(per_step=per_step, keep_heads=keep_heads, max_step_bytes=max_step_bytes,
                      cfg=guidance_probe(pipe))
     family = family_of(pipe)
+    everything = all(sel.strip() == "*" for sel in ([layers] if isinstance(layers, str) else list(layers)))
+    if everything and not family.layers():  # no text attention at all (tiny-film's FiLM UNet): nothing to record
+        yield store
+        return
     with install(family, store, lambda s, layer, original: family.processor(s, layer, mode, original), layers,
                  latent_size):
         yield store

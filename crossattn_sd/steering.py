@@ -15,6 +15,14 @@ layers or a subset, from Python, the CLI and the UI.
   are scaled to fill the rest of each row (see `families.sd3.joint_steer`). The call returns two images,
   [source, edit], each with its own prompt's words and maps. Identical prompts reproduce the plain image
   (explicit mode: edit always runs the explicit math).
+- uniform: on the chosen layers every image query attends uniformly to the prompt's tokens, so each pixel
+  receives the mean of the values: the pooled text, the same everywhere, as FiLM-like conditioning gets it. It shows
+  what spatial attention contributes, layer by layer. It goes on every cross-attention layer: the chosen ones
+  attend uniformly (explicit math) and record their maps, which are flat by construction (every token gets 1 / T
+  of every pixel); the others record as `capture` in exact mode, so their maps show how they answer. It applies to
+  the whole batch, the unconditional half of guidance too (it changes the mechanism, not one prompt).
+  Cross-attention families only (the UNet's): in joint attention the image queries also attend to the image, and
+  uniform text attention there would be another experiment.
 
 Every steering processor records the probabilities it actually used, so maps show where words landed after
 steering. Per-call state (weights, token mapping) lives in the processor objects made for that call.
@@ -32,10 +40,11 @@ import torch
 
 from .families import Steering, family_of
 from .maps import DEFAULT_MAX_STEP_BYTES, MapStore
-from .processors import MODES, CaptureProcessor, capture, cross_attention_layers, guidance_probe, install
+from .processors import (MODES, CaptureProcessor, capture, cross_attention_layers, guidance_probe, install,
+                         select_layers)
 from .tokens import PromptTokens
 
-PROCESSORS = ("default", "capture", "reweight", "edit")
+PROCESSORS = ("default", "capture", "reweight", "edit", "uniform")
 
 
 def parse_weights(text: str) -> tuple[tuple[str, float], ...]:
@@ -60,8 +69,9 @@ class ProcessorSpec:
     """Which processor to use and its options.
 
     Args:
-        name: "default", "capture", "reweight" or "edit".
-        mode: "exact" or "explicit" (capture and reweight; edit always computes probs @ V explicitly).
+        name: "default", "capture", "reweight", "edit" or "uniform".
+        mode: "exact" or "explicit" (capture and reweight; edit and uniform always compute probs @ V
+            explicitly).
         weights: reweight: (word, weight) pairs; parse a "word:weight, ..." string with `parse_weights`.
         edit_prompt: edit: the edited prompt.
         inject: edit: fraction of the denoising steps that take the source's cross-attention maps (0..1).
@@ -82,8 +92,8 @@ class ProcessorSpec:
             raise ValueError(f"unknown processor {self.name!r}; use one of {', '.join(PROCESSORS)}")
         if self.mode not in MODES:
             raise ValueError(f"unknown mode {self.mode!r}; use one of {', '.join(MODES)}")
-        if self.name == "edit" and self.mode != "explicit":
-            object.__setattr__(self, "mode", "explicit")  # edit replaces the probabilities: explicit math
+        if self.name in ("edit", "uniform") and self.mode != "explicit":
+            object.__setattr__(self, "mode", "explicit")  # they replace the probabilities: explicit math
         if self.name == "reweight" and not self.weights:
             raise ValueError("the reweight processor needs weights, e.g. 'circle:2.0, red:0.5'")
         if self.name == "edit":
@@ -193,6 +203,14 @@ def use_processor(pipe, spec: ProcessorSpec, *, prompts: list[str], steps: int, 
     align = alignment or (lambda p: family.text_positions(pipe, p))
     store = MapStore(per_step=per_step, keep_heads=keep_heads, max_step_bytes=max_step_bytes,
                      cfg=guidance_probe(pipe))
+    if spec.name == "uniform":
+        if not family.uniform_attention:
+            raise ValueError(f"the uniform processor needs cross-attention layers (UNet models); "
+                             f"{family.description} has joint attention: use capture, reweight or edit there")
+        with install(family, store, uniform_factory(family, select_layers(family, patterns, latent_size)), "*",
+                     latent_size):
+            yield store
+        return
     if spec.name == "reweight":
         per_image = [token_weights(align(p), spec.weights) for p in prompts for _ in range(num_images_per_prompt)]
         steering = Steering(token_weights=torch.stack(per_image))
@@ -205,6 +223,14 @@ def use_processor(pipe, spec: ProcessorSpec, *, prompts: list[str], steps: int, 
     factory = lambda s, layer, original: family.processor(s, layer, spec.mode, original, steering)  # noqa: E731
     with install(family, store, factory, patterns, latent_size):
         yield store
+
+
+def uniform_factory(family, uniform: set[str]):
+    """The `uniform` processor's factory for `install` on every text-attention layer: uniform attention on the
+    layers named in `uniform`, capture in exact mode (bit-identical to Diffusers) on the others."""
+    return lambda store, layer, original: (
+        family.processor(store, layer, "explicit", original, Steering(uniform=True)) if layer in uniform
+        else family.processor(store, layer, "exact", original))
 
 
 __all__ = ["PROCESSORS", "ProcessorSpec", "parse_weights", "use_processor", "cross_attention_layers"]

@@ -1,6 +1,7 @@
 """The web UI: `build_demo(service)` lays out components and wires events; `serve(...)` runs it.
 
-The only module that imports Gradio. The work is done by `service.AttentionService`; `Handlers` only turns
+With `ui_mechanisms.py` (the Mechanisms tab), the only module that imports Gradio. The work is done by
+`service.AttentionService` (and `mechanisms.Mechanisms` for that tab); `Handlers` only turns
 component values into the service's arguments and its results into component values, and turns the service's
 `ValueError`s into `gr.Error` messages. Generation (the shared pipeline) runs one at a time (the queue's
 "pipeline" slot, and the service's own lock); inspection reads the session's stored maps and runs concurrently.
@@ -35,7 +36,9 @@ from gradio.data_classes import FileData
 from PIL import Image
 
 from .bundles import MAX_BUNDLE_BYTES
+from .mechanisms import Mechanisms
 from .service import MAX_SEED, AttentionService, Comparison, Entry, GenerateRequest
+from .ui_mechanisms import mechanisms_tab
 
 QUEUE_SIZE = 32  # requests waiting beyond this are refused ("queue full") rather than piling up
 MAX_UPLOAD_BYTES = MAX_BUNDLE_BYTES  # Gradio refuses larger uploads before they reach a handler
@@ -69,6 +72,8 @@ GENERATE_HELP = {
     "capture": "Records every word's maps; exact mode gives the same image as Diffusers.",
     "reweight": "Scales the attention chosen words get (prompt-to-prompt re-weighting).",
     "edit": "Prompt-to-prompt editing: the edited prompt reuses the source's maps for the first steps.",
+    "uniform": "Every pixel attends equally to every token (the mean of the values) on the chosen layers: what "
+               "spatial attention adds. Its maps are flat by construction.",
 }
 
 
@@ -269,7 +274,7 @@ class Handlers:
         """The word chips of the image on show; the chosen word stays if this prompt has it."""
         two = len(entry.result.images) > 1
         whose = ("the edited prompt" if entry.index else "the source prompt") if two else "the prompt"
-        info = f"click a word of {whose}" if entry.has_maps else "the default processor records no maps"
+        info = f"click a word of {whose}" if entry.has_maps else "no maps: the default processor and FiLM have none"
         if not entry.has_maps:  # the words, none chosen: there is no map of any
             return gr.update(choices=c.words, value=None, interactive=False, info=info)
         return gr.update(choices=c.words, value=word if word in c.words else c.default_word, interactive=True,
@@ -480,8 +485,9 @@ def colorbar_html(colours: list[str]) -> str:
             '<div class="ends"><span>low</span><span>attention share</span><span>high</span></div>')
 
 
-def build_demo(service: AttentionService) -> gr.Blocks:
-    """The UI for one service: a Generate column on the left, the result and its maps on the right."""
+def build_demo(service: AttentionService, mechanisms: Mechanisms | None = None) -> gr.Blocks:
+    """The UI for one service: a Generate column on the left, the result and its maps on the right; `mechanisms`:
+    the four embedded models of the Mechanisms tab (default: loaded from the package when first used)."""
     d = service.defaults()
     h = Handlers(service)
     pixel = dict(type="pil", format="png", interactive=False, elem_classes="pixelated", height=240)
@@ -593,6 +599,8 @@ def build_demo(service: AttentionService) -> gr.Blocks:
                         with gr.Accordion("Words and settings", open=False):
                             words = gr.JSON(label="Words")
                             settings = gr.JSON(label="Settings")
+                    with gr.Tab("Mechanisms", elem_id="mechanisms-tab") as mechanisms_tab_block:
+                        mechanisms_tab(mechanisms or Mechanisms(), prompt, seed)
                 with gr.Accordion("Map filters", open=True):
                     with gr.Row():
                         layers = gr.CheckboxGroup([], label="Layers", scale=3, elem_id="layers")
@@ -654,7 +662,7 @@ def build_demo(service: AttentionService) -> gr.Blocks:
         redraw(which.input(h.switch, [current, which, word], [current, status, word, words, shown], queue=False,
                            **private))
         # Switching tabs draws what the new tab shows (the grid and the timeline are drawn only when on show).
-        for tab_block, name in ((compare_tab, "other"), (history_tab, "other")):
+        for tab_block, name in ((compare_tab, "other"), (history_tab, "other"), (mechanisms_tab_block, "other")):
             tab_block.select(_returns(name), None, tab, queue=False, **private)
         for tab_block, name in ((map_tab, "map"), (grid_tab, "grid"), (timeline_tab, "timeline")):
             (tab_block.select(_returns(name), None, tab, queue=False, **private)

@@ -77,6 +77,9 @@ def test_the_wheel_lists_every_preset_and_loads_them_from_elsewhere(wheel_env, t
             file=crossattn_sd.__file__, config_dir=str(CONFIG_DIR), weights=str(EMBEDDED_MODEL_DIR),
             weights_dir=str(WEIGHTS_DIR), presets={n: [p.source, p.family, p.steps] for n, p in presets.items()},
             unet_layers=len(pipe.unet.attn_processors), source=pipe.crossattn_source,
+            # the packaged comparison models, whose VAE, tokenizer and scheduler come from tiny's folder
+            shared={m: [type(p).__name__, len(p.unet.attn_processors)]
+                    for m, p in ((m, crossattn_sd.load_pipeline(m)) for m in ("tiny-untaught", "tiny-film"))},
         )))
     """)
     import json
@@ -90,6 +93,7 @@ def test_the_wheel_lists_every_preset_and_loads_them_from_elsewhere(wheel_env, t
     assert got["presets"] == {n: [p.source, p.family, p.steps] for n, p in here.items()}
     assert got["presets"]["sd15"][0] == "stable-diffusion-v1-5/stable-diffusion-v1-5"  # a preset, not a Hub guess
     assert got["unet_layers"] == 14  # 7 cross-attention + 7 self-attention layers of the embedded UNet
+    assert got["shared"] == {"tiny-untaught": ["StableDiffusionPipeline", 14], "tiny-film": ["StableDiffusionPipeline", 0]}
 
 
 def test_ci_imports_the_installed_package_not_the_checkout():

@@ -262,3 +262,29 @@ def test_bad_dropout_or_grounding_values_are_refused(tmp_path, capsys):
         assert train.main(["--out", str(tmp_path / "run"), *SMOKE, flag, value]) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "run").exists()  # refused before the run folder is made
+
+
+def test_film_smoke_run_learns_the_shipped_vaes_latents_with_no_attention(tmp_path):
+    """--model film: the same trainer with the FiLM UNet (no attention; the pooled text scales and shifts the ResNet
+    features) on the shipped VAE, no VAE stage; the export is a plain StableDiffusionPipeline that reads the text."""
+    from diffusers import AutoencoderKL, StableDiffusionPipeline
+
+    assert train.main(["--model", "film", "--out", str(tmp_path / "run"), *SMOKE]) == 0
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "run" / "pipeline")
+    assert pipe.unet.attn_processors == {}
+    assert pipe.unet.config.addition_embed_type == "text"
+    assert pipe.unet.config.resnet_time_scale_shift == "scale_shift"
+    shipped = AutoencoderKL.from_pretrained(train.FILM_VAE)
+    assert pipe.vae.config.scaling_factor == shipped.config.scaling_factor
+    assert all(torch.equal(v, shipped.state_dict()[k].float()) for k, v in pipe.vae.state_dict().items())
+    latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    out = {}
+    for prompt in ("a red circle on the left", "a blue square on the right"):
+        image = pipe(prompt, num_inference_steps=2, guidance_scale=2.0, latents=latents, output_type="np").images
+        out[prompt] = image
+    assert not np.array_equal(*out.values())  # the text reaches the UNet
+
+
+def test_film_refuses_grounding(tmp_path, capsys):
+    assert train.main(["--model", "film", "--out", str(tmp_path / "run"), *SMOKE, "--grounding", "0.1"]) == 2
+    assert "no cross-attention maps to ground" in capsys.readouterr().err

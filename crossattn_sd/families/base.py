@@ -43,18 +43,28 @@ class Steering:
         token_map: (T,) for a [source, edit] pair: edit token j takes the source's token token_map[j], or keeps
             its own where -1 (prompt-to-prompt edit), or None.
         inject_calls: the edit injects during the first `inject_calls` denoiser calls.
+        uniform: every image query attends uniformly to the text tokens (`uniform_probs`): each pixel receives
+            the mean of the values, the same pooled text everywhere (the `uniform` processor). It applies to every
+            image of the batch, the unconditional half of classifier-free guidance too: it changes the layer's
+            mechanism, not one prompt's attention.
     """
 
     token_weights: torch.Tensor | None = None
     token_map: torch.Tensor | None = None
     inject_calls: int = 0
+    uniform: bool = False
+
+    @property
+    def name(self) -> str:
+        """The steering processor's name, for messages."""
+        return "uniform" if self.uniform else "edit" if self.token_map is not None else "reweight"
 
     def injecting(self, store) -> bool:
         return self.token_map is not None and store.num_steps - 1 < self.inject_calls
 
     def needs_probs(self, store) -> bool:
         """Whether this call needs the probabilities themselves (explicit math); reweight alone does not."""
-        return self.injecting(store)
+        return self.uniform or self.injecting(store)
 
     def scale_values(self, value: torch.Tensor, rec: slice, columns: tuple[int, int | None]) -> torch.Tensor:
         """Reweight through the values: sum_j p_j w_j v_j = SDPA(Q, K, w * V). `value` (B, heads, keys, d); the
@@ -96,6 +106,17 @@ class Steering:
         return text_probs
 
 
+def uniform_probs(rows: int, queries: int, keys: int, attention_mask: torch.Tensor | None = None,
+                  dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
+    """(rows, queries, keys) attention probabilities that are uniform over the keys: 1 / keys, or with an additive
+    `attention_mask` (rows, 1 or queries, keys) uniform over the keys it leaves open (softmax of the mask alone,
+    i.e. of all-equal scores)."""
+    if attention_mask is None:
+        return torch.full((rows, queries, keys), 1.0 / keys, dtype=dtype, device=device)
+    scores = torch.zeros((rows, queries, keys), dtype=dtype, device=device) + attention_mask.to(dtype)
+    return scores.softmax(dim=-1)
+
+
 class Family:
     """One model family's answers (see the module docstring). Subclasses set `name`, `denoiser_attr` and
     `model_classes` and implement the methods that raise NotImplementedError."""
@@ -105,6 +126,7 @@ class Family:
     denoiser_attr = ""  # the pipeline attribute holding the denoiser ("unet", "transformer")
     model_classes: tuple[str, ...] = ()  # Diffusers class names of the denoisers this family handles
     layer_kind = "text-attention"  # how errors name its layers
+    uniform_attention = False  # whether its processors run `Steering.uniform` (the `uniform` processor)
     latent_hint: tuple[int, int] | None = None  # the latent size `install` was given (or the native one)
 
     def __init__(self, model):

@@ -19,7 +19,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .base import Family, Recorder, Steering, check_mode
+from .base import Family, Recorder, Steering, check_mode, uniform_probs
 
 
 def layer_hw(latent_hw: tuple[int, int], num_queries: int) -> tuple[int, int]:
@@ -124,9 +124,13 @@ class CaptureProcessor(Recorder):
                                         None if sdpa_mask is None else sdpa_mask[rec], attn.scale,
                                         **_weights_kwarg(steering))
         else:
-            attention_probs = attn.get_attention_scores(
-                _to_batch_heads(query), _to_batch_heads(key), attention_mask
-            )  # (B * heads, Nq, T)
+            if steering is not None and steering.uniform:  # every query attends equally to every token
+                attention_probs = uniform_probs(batch_size * heads, query.shape[2], key.shape[2], attention_mask,
+                                                query.dtype, query.device)  # (B * heads, Nq, T)
+            else:
+                attention_probs = attn.get_attention_scores(
+                    _to_batch_heads(query), _to_batch_heads(key), attention_mask
+                )  # (B * heads, Nq, T)
             attention_probs = self.steer(attention_probs, batch_size, heads)
             hidden_states = torch.bmm(attention_probs, _to_batch_heads(value))  # (B * heads, Nq, d)
             hidden_states = hidden_states.view(batch_size, heads, -1, head_dim).transpose(1, 2)
@@ -163,6 +167,7 @@ class UNetFamily(Family):
     denoiser_attr = "unet"
     model_classes = ("UNet2DConditionModel",)
     layer_kind = "cross-attention"
+    uniform_attention = True
 
     def is_text_layer(self, name: str, module) -> bool:
         return bool(getattr(module, "is_cross_attention", name.endswith("attn2")))

@@ -108,6 +108,28 @@ def build_unet() -> UNet2DConditionModel:
     )
 
 
+def build_film_unet() -> UNet2DConditionModel:
+    """The FiLM model's UNet (`tiny-film`): the embedded UNet's levels, widths and depth with no attention at all.
+
+    The text reaches it only through Diffusers' `addition_embed_type="text"`: `TextTimeEmbedding` pools the text
+    states into one vector (LayerNorm, then `AttentionPooling`: one query, the tokens' mean plus a learned vector,
+    attends over the tokens), projects it to the time-embedding width and adds it to the time embedding. With
+    `resnet_time_scale_shift="scale_shift"` every ResNet block applies that embedding to its normalised features as
+    `h * (1 + scale) + shift`, one (scale, shift) pair per channel: feature-wise linear modulation (FiLM, Perez et
+    al. 2018). No pixel reads a token of its own, so the model has no word maps. The mid block is one ResNet (no
+    attention). `addition_embed_type_num_heads` 4 gives the pooling 32-dim heads (Diffusers' default, 64, would
+    split width 128 into 2-dim heads). StableDiffusionPipeline calls it unchanged (`unet(latents, t,
+    encoder_hidden_states=...)`)."""
+    return UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4,
+        block_out_channels=(32, 64, 128),
+        down_block_types=("DownBlock2D",) * 3, up_block_types=("UpBlock2D",) * 3,
+        mid_block_type="UNetMidBlock2D",
+        layers_per_block=1, cross_attention_dim=128, norm_num_groups=16,
+        addition_embed_type="text", addition_embed_type_num_heads=4, resnet_time_scale_shift="scale_shift",
+    )
+
+
 def build_vae() -> AutoencoderKL:
     return AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, sample_size=64,
@@ -178,9 +200,14 @@ def write_json(path: Path, data) -> None:
     path.write_text(json.dumps(data, indent=1) + "\n")
 
 
-def ship_weights(src: str | Path, dst: str | Path | None = None, limit_mb: float = 30.0) -> Path:
+def ship_weights(src: str | Path, dst: str | Path | None = None, limit_mb: float = 30.0,
+                 share: str | Path | None = None) -> Path:
     """Copy a trained pipeline folder (e.g. runs/tiny/pipeline) into the package as the embedded model:
-    safetensors halved to fp16 (they load back as float32), at most `limit_mb` MB in all."""
+    safetensors halved to fp16 (they load back as float32), at most `limit_mb` MB in all.
+
+    With `share` (another shipped pipeline folder, e.g. crossattn_sd/tiny/weights), each component subfolder whose
+    files are byte for byte that folder's (after halving) is left out; the model's preset then names the folder in
+    `components_from`, and `load_pipeline` loads those components from it."""
     from ..config import EMBEDDED_MODEL_DIR
 
     src, dst = Path(src), Path(dst or EMBEDDED_MODEL_DIR)
@@ -191,16 +218,41 @@ def ship_weights(src: str | Path, dst: str | Path | None = None, limit_mb: float
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(src, tmp)
     halve_safetensors(tmp)
+    shared = [sub.name for sub in sorted(tmp.iterdir()) if share is not None and same_files(sub, Path(share) / sub.name)]
+    for name in shared:
+        shutil.rmtree(tmp / name)
     size = folder_size(tmp) / 2**20
     if size > limit_mb:
         shutil.rmtree(tmp)
         raise ValueError(f"{src} takes {size:.1f} MB in fp16; the embedded model must stay under {limit_mb:g} MB")
     shutil.rmtree(dst, ignore_errors=True)
     tmp.rename(dst)
+    if shared:
+        print(f"shared with {share} (left out): {', '.join(shared)}")
     return dst
 
 
-if __name__ == "__main__":  # python -m crossattn_sd.tiny.build runs/tiny/pipeline [crossattn_sd/tiny/weights-mmdit]
-    import sys
+def same_files(a: Path, b: Path) -> bool:
+    """Whether folders `a` and `b` hold the same files with the same bytes."""
+    if not (a.is_dir() and b.is_dir()):
+        return False
+    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    return (files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+            and all((a / f).read_bytes() == (b / f).read_bytes() for f in files))
 
-    print(f"shipped {sys.argv[1]} -> {ship_weights(*sys.argv[1:3])}")
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m crossattn_sd.tiny.build", description=ship_weights.__doc__)
+    p.add_argument("src", help="a trained pipeline folder, e.g. runs/tiny/pipeline")
+    p.add_argument("dst", nargs="?", default=None, help="the package folder to write (default: the embedded model's, "
+                   "crossattn_sd/tiny/weights)")
+    p.add_argument("--share", default=None, metavar="FOLDER",
+                   help="leave out the components identical to this shipped folder's (see components_from)")
+    args = p.parse_args(argv)
+    print(f"shipped {args.src} -> {ship_weights(args.src, args.dst, share=args.share)}")
+
+
+if __name__ == "__main__":  # python -m crossattn_sd.tiny.build runs/tiny/pipeline [crossattn_sd/tiny/weights-mmdit]
+    main()

@@ -34,6 +34,8 @@ from .judge import PALETTE_NAMES, half_mask, judge, palette_labels
 from .world import HELDOUT, caption as scene_caption, heldout_scenes
 
 THRESHOLD = 0.4  # a heat map's region is where it reaches 0.4 x its maximum
+NO_MAPS = ("not defined: this model has no attention maps (FiLM, as in tiny-film, conditions every pixel on the "
+           "pooled prompt through a per-channel scale and shift, so no pixel attends to a word)")
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -80,9 +82,11 @@ class Tally:
     iou: dict[str, list[float]] = field(default_factory=lambda: {
         f"{kind}/{what}": [] for kind in ("colour", "shape") for what in ("map", "uniform", "gaussian", "other")})
     seconds: list[float] = field(default_factory=list)
+    has_maps: bool = True  # False once a result without attention maps (a FiLM model's) is scored
 
     def summary(self) -> dict:
         out = {"captions": self.captions, "caption_accuracy": self.captions_ok / max(1, self.captions),
+               "has_maps": self.has_maps,
                "object_accuracy": self.objects_ok / max(1, self.objects),
                "median_seconds_per_image": float(np.median(self.seconds)) if self.seconds else None}
         for key, values in self.iou.items():
@@ -113,6 +117,9 @@ def score(tally: Tally, result, kinds: list[tuple[str, str, str]], resolutions=N
     tally.objects += len(verdict.objects)
     tally.objects_ok += sum(o.ok for o in verdict.objects)
 
+    if not result.store.layers:  # a model without attention (FiLM): its map IoU is not defined, not 0
+        tally.has_maps = False
+        return
     h, w = image.shape[:2]
     uniform, gauss = region(np.ones((h, w))), region(gaussian_map(h, w))
     masks = [object_mask(image, c, p) for c, _, p in kinds]
@@ -180,7 +187,7 @@ def summarize(index: list[dict], items, folder: Path, resolutions=None) -> dict:
         result = load_result(folder / line["name"])
         tally.seconds.append(line["seconds"]["generate"])
         score(tally, result, kinds, resolutions)
-        map_view = map_view or view_name(result, resolutions)
+        map_view = map_view or (view_name(result, resolutions) if tally.has_maps else NO_MAPS)
     return {**tally.summary(), "map_view": map_view}
 
 
@@ -188,8 +195,12 @@ def format_summary(s: dict) -> str:
     lines = [f"held-out captions: {s['captions']}   (held-out scene types: {len(HELDOUT)})",
              f"whole caption right: {100 * s['caption_accuracy']:.1f}%",
              f"each object right:   {100 * s['object_accuracy']:.1f}%",
-             f"median time per image: {s['median_seconds_per_image']:.3f} s",
-             "",
+             f"median time per image: {s['median_seconds_per_image']:.3f} s"]
+    if s.get("parameters"):
+        lines.append("parameters: " + ", ".join(f"{k} {v:,}" for k, v in s["parameters"].items()))
+    if not s.get("has_maps", True):
+        return "\n".join(lines + ["", f"map IoU: {NO_MAPS}"])
+    lines += ["",
              f"mean IoU (map >= 0.4 x max vs the object's mask); map: {s.get('map_view')}",
              f"{'word':8s} {'map':>7s} {'uniform':>8s} {'gaussian':>9s} {'other obj':>10s} {'map/best':>9s}   n"]
     for kind in ("colour", "shape"):
@@ -216,12 +227,24 @@ def format_summary(s: dict) -> str:
     return "\n".join(lines)
 
 
+def parameters(pipe) -> dict[str, int]:
+    """The pipeline's parameter counts: its denoiser, its text encoders (together) and its VAE."""
+    from ..families import family_of
+
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    encoders = [getattr(pipe, n) for n in ("text_encoder", "text_encoder_2", "text_encoder_3")
+                if getattr(pipe, n, None) is not None]
+    return {family_of(pipe).denoiser_attr: count(family_of(pipe).model),
+            "text encoder" + ("s" if len(encoders) > 1 else ""): sum(count(e) for e in encoders),
+            "vae": count(pipe.vae)}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="crossattn-sd eval-tiny", description=__doc__,
                                 formatter_class=HelpFormatter)
     p.add_argument("--n", type=int, default=144, help="number of held-out captions to generate")
     p.add_argument("--seed", type=int, default=0, help="first noise seed (caption k uses seed + k)")
-    p.add_argument("--model", default=None, help="a preset (tiny, tiny-mmdit) or a training export folder (evaluated with the defaults of the preset of its kind); default: the embedded model")
+    p.add_argument("--model", default=None, help="a preset (tiny, tiny-untaught, tiny-mmdit, tiny-film) or a training export folder (evaluated with the defaults of the preset of its kind); default: the embedded model")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's preset)")
     p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's preset)")
     p.add_argument("--resolutions", default=None,
@@ -249,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.model not in load_presets():
         # A training export in some folder is still an embedded model: evaluate it with the defaults of the preset
         # of its kind (guidance, and for tiny-mmdit its max_sequence_length 0), not SD's.
-        kind = "tiny-mmdit" if family_of(pipe).name == "sd3" else "tiny"
+        family = family_of(pipe)
+        kind = "tiny-mmdit" if family.name == "sd3" else "tiny" if family.layers() else "tiny-film"
         pipe.crossattn_defaults = GenerationDefaults.from_preset(get_preset(kind))
     resolutions = args.resolutions and args.resolutions.strip()
     if resolutions and resolutions != "all":
@@ -266,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     if summary is None:  # not the main process: the main one prints the summary
         return 0
     summary["settings"] = {k: v for k, v in vars(args).items() if k not in ("json", "out")}
+    summary["parameters"] = parameters(pipe)
     print(format_summary(summary))
     if args.json:
         with open(args.json, "w") as f:

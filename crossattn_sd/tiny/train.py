@@ -41,21 +41,24 @@ from tqdm import tqdm
 from ..cli import HelpFormatter
 from ..maps import layer_hw
 from ..processors import CaptureProcessor, install
-from . import build
+from . import WEIGHTS_DIR, build
 from .judge import palette_labels
 from .world import Scene, caption, describe, render, sample_scene
 from .world import object_mask as world_object_mask
 
 CHECKPOINT = "checkpoint.pt"
+FILM_VAE = WEIGHTS_DIR / "vae"  # --model film learns the shipped VAE's latents (as tiny-mmdit does)
 MAX_OBJECTS = 2  # a scene holds one object or two
-MODELS = ("unet", "mmdit")  # train-tiny --model
+MODELS = ("unet", "film", "mmdit")  # train-tiny --model
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="crossattn-sd train-tiny", description=__doc__,
                                 formatter_class=HelpFormatter)
     p.add_argument("--model", choices=MODELS, default="unet",
-                   help="unet: the embedded StableDiffusionPipeline (these flags); mmdit: the joint-attention "
+                   help="unet: the embedded StableDiffusionPipeline (these flags); film: the same pipeline with a "
+                        "UNet that has no attention, conditioned by FiLM on the pooled text (build.build_film_unet; "
+                        "these flags; the shipped VAE unless --vae); mmdit: the joint-attention "
                         "StableDiffusion3Pipeline (train_mmdit.py; `--model mmdit --help` lists its flags)")
     p.add_argument("--out", required=True, help="run folder (checkpoint.pt, pipeline export)")
     p.add_argument("--steps", type=int, default=4000,
@@ -65,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init-from", default=None, metavar="FOLDER",
                    help="start from this pipeline folder's VAE, text encoder and UNet (an export of this trainer or "
                         "crossattn_sd/tiny/weights) with a fresh optimiser and schedule; skips the VAE stage")
+    p.add_argument("--vae", default=None, metavar="FOLDER",
+                   help="use this trained VAE folder (with its scaling factor) as it is and skip the VAE stage; "
+                        f"--model film defaults to the shipped one ({FILM_VAE})")
     p.add_argument("--seed", type=int, default=0, help="seed for data, init and noise")
     p.add_argument("--batch-size", type=int, default=64, help="UNet batch size")
     p.add_argument("--vae-batch-size", type=int, default=8, help="VAE batch size")
@@ -387,16 +393,24 @@ def palette_accuracy(vae, seed: int, n: int = 256, p_two: float = 0.7) -> float:
 def load_weights(folder: Path, *, vae, text_encoder, unet) -> None:
     """Load a pipeline folder's VAE (with its scaling factor), text encoder and UNet into this trainer's models,
     as float32. The folder's models must have this trainer's architecture."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel
 
     if not (folder / "model_index.json").is_file():
         raise ValueError("not a pipeline folder (no model_index.json); give an export such as runs/tiny/pipeline")
-    for model, cls, sub in ((vae, AutoencoderKL, "vae"), (text_encoder, CLIPTextModel, "text_encoder"),
-                            (unet, UNet2DConditionModel, "unet")):
+    for model, cls, sub in ((text_encoder, CLIPTextModel, "text_encoder"), (unet, UNet2DConditionModel, "unet")):
         source = cls.from_pretrained(folder / sub)
         model.load_state_dict({k: v.float() for k, v in source.state_dict().items()})
-    vae.register_to_config(scaling_factor=float(AutoencoderKL.load_config(folder / "vae")["scaling_factor"]))
+    load_vae(folder / "vae", vae)
+
+
+def load_vae(folder: Path, vae) -> None:
+    """Load a VAE folder's weights (as float32) and scaling factor into this trainer's VAE."""
+    from diffusers import AutoencoderKL
+
+    source = AutoencoderKL.from_pretrained(folder)
+    vae.load_state_dict({k: v.float() for k, v in source.state_dict().items()})
+    vae.register_to_config(scaling_factor=float(source.config.scaling_factor))
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
@@ -453,12 +467,16 @@ def main(argv: list[str] | None = None) -> int:
     error = bad_value(args, dict(context_dropout=1.0, prefix_dropout=1.0, caption_dropout=1.0, grounding=math.inf))
     if error is None and args.init_from is not None and args.resume:
         error = "--init-from starts a new run and --resume continues one: give only one of them"
+    if error is None and args.init_from is not None and args.vae is not None:
+        error = "--init-from already brings its folder's VAE: drop --vae"
+    if error is None and args.model == "film" and args.grounding > 0:
+        error = f"--grounding {args.grounding}: --model film has no cross-attention maps to ground; drop it"
     if error is not None:
         print(error, file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
     try:
-        out, export_dir, ckpt_path, ckpt = run_folder(args, ("seed", "pool_size", "p_two"))
+        out, export_dir, ckpt_path, ckpt = run_folder(args, ("model", "seed", "pool_size", "p_two"))
     except ValueError as e:
         print(e, file=sys.stderr)
         return 2
@@ -467,7 +485,8 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = build.build_tokenizer()
     vae = build.build_vae()
     text_encoder = build.build_text_encoder(len(tokenizer))
-    unet = build.build_unet()
+    unet = build.build_film_unet() if args.model == "film" else build.build_unet()
+    vae_folder = args.vae or (FILM_VAE if args.model == "film" and args.init_from is None else None)
     print(f"params: unet {build.n_params(unet):,} text encoder {build.n_params(text_encoder):,} "
           f"vae {build.n_params(vae):,}", flush=True)
     if args.init_from is not None:
@@ -477,10 +496,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"--init-from {args.init_from}: {e}", file=sys.stderr)
             return 2
         print(f"initialised from {args.init_from}", flush=True)
+    if vae_folder is not None and ckpt is None:
+        try:
+            load_vae(Path(vae_folder), vae)
+        except (OSError, RuntimeError, ValueError) as e:
+            print(f"--vae {vae_folder}: {e}", file=sys.stderr)
+            return 2
+        print(f"VAE from {vae_folder} (scaling factor {vae.config.scaling_factor:.4f}); no VAE stage", flush=True)
     last_save = time.time()
     resumed_vae = ckpt is not None and ckpt["vae_done"]
-    # an --init-from run keeps the folder's VAE and the scaling factor its UNet was trained with
-    new_vae = not resumed_vae and args.init_from is None
+    # an --init-from or --vae run keeps that VAE and the scaling factor its latents were trained with
+    new_vae = not resumed_vae and args.init_from is None and vae_folder is None
 
     # Stage 1: VAE.
     if resumed_vae:

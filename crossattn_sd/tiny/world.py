@@ -125,6 +125,20 @@ def caption(scene: Scene, order: tuple[int, ...] | None = None) -> str:
     return " and ".join(describe(scene.objects[i]) for i in order)
 
 
+def parse_caption(text: str) -> list[tuple[str, str, str]] | None:
+    """The objects (colour, shape, position) a caption of this world names, in order (the inverse of `caption`), or
+    None when `text` is not one ("a {colour} {shape} on the {position}", joined by " and ", one or two objects)."""
+    parts = " ".join(text.lower().split()).split(" and ")
+    kinds = []
+    for part in parts:
+        words = part.split()
+        if (len(words) != 6 or words[0] != "a" or words[3:5] != ["on", "the"] or words[1] not in COLOURS
+                or words[2] not in SHAPES or words[5] not in POSITIONS):
+            return None
+        kinds.append((words[1], words[2], words[5]))
+    return kinds if 1 <= len(kinds) <= 2 else None
+
+
 def all_two_object_kinds() -> list[tuple[tuple[str, str, str], tuple[str, str, str]]]:
     """The 288 two-object scene types: 2 axes x 12 (colour, shape) x 12 (colour, shape)."""
     items = [(c, s) for c in COLOURS for s in SHAPES]
