@@ -220,6 +220,27 @@ def test_reweight_unit_weights_is_capture_exact_bit_for_bit_and_zero_removes_a_w
         torch.testing.assert_close(explicit.store.steps[0][layer], zero.store.steps[0][layer], rtol=0, atol=1e-6)
 
 
+def test_skip_layer_guidance_records_only_the_guided_call(pipe):
+    """`skip_guidance_layers` adds a transformer call in steps 1.. (the conditional prompt, block 1 skipped): it
+    runs Diffusers' processors unrecorded (it used to fail as a guidance batch of odd size 1)."""
+    def slg():
+        return pipe(PROMPT, num_inference_steps=3, guidance_scale=3.0, height=32, width=48,
+                    generator=torch.Generator().manual_seed(0), output_type="np", max_sequence_length=T5_LENGTH,
+                    skip_guidance_layers=[1], skip_layer_guidance_start=0.0, skip_layer_guidance_stop=1.0).images
+
+    reference = slg()
+    assert np.abs(reference - run(pipe, steps=3)).max() > 0  # the skip-layer call changes the image
+    with capture(pipe, per_step=True) as store:
+        ours = slg()
+    assert np.abs(ours - reference).max() == 0
+    assert store.num_steps == 3 and store.num_images == 1
+    with capture(pipe, per_step=True) as plain:
+        run(pipe, steps=3)
+    for step in (0, 1):  # the same latents in both runs up to step 1's call
+        for layer in store.layers:
+            assert torch.equal(store.steps[step][layer], plain.steps[step][layer])
+
+
 def test_edit_with_identical_prompts_reproduces_the_plain_image(pipe):
     plain = generate(pipe, PROMPT, mode="explicit", **KW)
     ours = generate(pipe, PROMPT, processor=ProcessorSpec("edit", edit_prompt=PROMPT), **KW)

@@ -7,7 +7,8 @@ A `Family` is bound to one denoiser (a UNet or a transformer) and answers, for t
 - `token_grid(latent_hw, num_queries)`: where a layer's image tokens sit on the (h, w) grid for a latent;
   `layer_sizes(latent_hw)`: that grid for every layer;
 - `step_input(args, kwargs)`: where a step begins: the latent size and timestep of a denoiser call (read by a
-  forward pre-hook on the denoiser);
+  forward pre-hook on the denoiser); `recorded_call(args, kwargs)`: whether that call is recorded at all (not
+  a guidance call beside the conditional one: Flux's negative prompt, SD3's skip-layer call);
 - `processor(store, layer, mode, original, steering)`: the processor that records (and steers) one layer;
 - `text_positions(pipe, prompt, ...)`: which tokenizer owns which text positions, as a `PromptTokens`;
 - `native_latent_size()`, `pipeline_kwargs(...)`: what `generate` needs to call the pipeline.
@@ -102,6 +103,7 @@ class Family:
     denoiser_attr = ""  # the pipeline attribute holding the denoiser ("unet", "transformer")
     model_classes: tuple[str, ...] = ()  # Diffusers class names of the denoisers this family handles
     layer_kind = "text-attention"  # how errors name its layers
+    batched_guidance = True  # classifier-free guidance runs [unconditional, conditional] as one batch
     latent_hint: tuple[int, int] | None = None  # the latent size `install` was given (or the native one)
 
     def __init__(self, model):
@@ -144,6 +146,11 @@ class Family:
         """(latent (h, w), timestep) of one denoiser call, from its forward pre-hook's arguments."""
         raise NotImplementedError
 
+    def recorded_call(self, args: tuple, kwargs: dict) -> bool:
+        """Whether a denoiser call is recorded. False for a guidance call the pipeline makes beside the
+        conditional one (`install` runs it with Diffusers' own processors: no maps, no steering, no step)."""
+        return True
+
     def processor(self, store, layer: str, mode: str = "exact", original=None, steering: Steering | None = None):
         raise NotImplementedError
 
@@ -159,6 +166,60 @@ class Family:
     def pipeline_kwargs(self, pipe, max_sequence_length: int | None = None) -> dict:
         """Extra keyword arguments `generate` passes to the pipeline call."""
         return {}
+
+
+def joint_steer(probs: torch.Tensor, steering: Steering, rec: slice, heads: int, image: slice, text: slice,
+                store) -> torch.Tensor:
+    """Steer joint-attention probabilities (B * heads, N, N) whose keys hold the generated image's tokens at
+    `image` and the text tokens at `text` (SD3: [image; text]; Flux: [text; image (; reference images)]).
+
+    Reweight scales the text columns for every query of the recorded images, image and text alike (rows not
+    renormalised, as in prompt-to-prompt): exactly what scaling the text values does, so both modes agree. An
+    edit takes the source's image->text probabilities into the edit's image rows; the rest of each of those
+    rows (the edit's own attention to non-text tokens) is scaled to fill 1 - the source's text share, so rows
+    still sum to 1, the edit keeps its own layout of attention among image tokens, and identical prompts
+    reproduce the plain image (the factor is then exactly 1). The text queries' rows are not injected.
+    """
+    if steering.token_weights is not None:
+        probs = probs.clone()
+        probs[:, :, text] = steering.reweight(probs[:, :, text], rec, heads)
+    if steering.injecting(store):
+        image_text = probs[:, image, text]
+        steered = steering.inject(image_text, rec, heads, store)
+        edit_rows = slice((rec.start + 1) * heads, (rec.start + 2) * heads)
+        own = image_text[edit_rows].sum(-1, keepdim=True)
+        taken = steered[edit_rows].sum(-1, keepdim=True)
+        probs = probs.clone()
+        probs[edit_rows, image] *= (1 - taken) / (1 - own).clamp_min(torch.finfo(probs.dtype).tiny)
+        probs[:, image, text] = steered  # (the edit rows' text columns scaled just above are replaced)
+    return probs
+
+
+def weights_kwarg(steering: Steering | None) -> dict:
+    """`record_attention`'s `token_weights` for an exact-mode reweight (none without weights)."""
+    if steering is None or steering.token_weights is None:
+        return {}
+    return {"token_weights": steering.token_weights}
+
+
+def additive_mask(mask: torch.Tensor | None, rec: slice, queries: slice, num_keys: int,
+                  dtype: torch.dtype) -> torch.Tensor | None:
+    """An SDPA `attn_mask` (boolean, True = attend, or additive; broadcastable to (B, heads, Nq, Nk); a (B, Nk)
+    mask is Diffusers' per-key padding mask) as an additive mask for the recorded images' `queries` rows:
+    (n, 1 or heads, 1 or len(queries), Nk), what `text_attention` adds to the scores."""
+    if mask is None:
+        return None
+    if mask.ndim == 2 and mask.shape[-1] == num_keys and mask.shape[0] > 1:
+        mask = mask[:, None, None, :]  # (B, Nk): as Diffusers' native backend reads it
+    while mask.ndim < 4:
+        mask = mask[None]
+    if mask.shape[0] > 1:
+        mask = mask[rec]
+    if mask.shape[-2] > 1:
+        mask = mask[..., queries, :]
+    if mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+    return mask.to(dtype).expand(rec.stop - rec.start, *mask.shape[1:])
 
 
 def check_mode(mode: str) -> None:
