@@ -203,3 +203,32 @@ def test_full_flux1_dev_transformer_on_the_meta_device():
     assert store.sums[layers[0]].shape == (1, grid, grid, 512)
     assert all(p is before[k] for k, p in transformer.attn_processors.items())
     assert FluxFamily(transformer).layer_sizes((128, 96))[layers[-1]] == (64, 48)
+
+
+def test_a_layer_with_its_own_processor_keeps_it_unrecorded_and_steering_refuses_it(pipe):
+    """A processor other than Diffusers' default (an IP-Adapter's, here a counting stand-in) keeps computing its
+    layer under capture, so the image is unchanged; that layer is not recorded, and reweight refuses it."""
+    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+
+    class Counting:
+        calls = 0
+
+        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                     image_rotary_emb=None):
+            Counting.calls += 1
+            return FluxAttnProcessor()(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+
+    layer = "transformer_blocks.0.attn"
+    before = dict(pipe.transformer.attn_processors)
+    pipe.transformer.get_submodule(layer).set_processor(Counting())
+    try:
+        reference = run(pipe)
+        with pytest.warns(RuntimeWarning, match="flux layers with a Counting keep it and are not recorded"):
+            with capture(pipe) as store:
+                ours = run(pipe)
+        assert np.abs(ours - reference).max() == 0 and Counting.calls == 4  # 2 plain + 2 captured
+        assert store.layers == ["single_transformer_blocks.0.attn"]
+        with pytest.raises(ValueError, match=f"reweight processor would replace layer {layer}'s Counting"):
+            generate(pipe, PROMPT, processor=ProcessorSpec("reweight", weights=(("circle", 2.0),)), **KW)
+    finally:
+        pipe.transformer.set_attn_processor(before)

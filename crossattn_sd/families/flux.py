@@ -12,6 +12,8 @@
 - True classifier-free guidance (`true_cfg_scale > 1` with a negative prompt) calls the transformer a second
   time per step on the same latents with the negative prompt: that call runs Diffusers' own processors and is
   not recorded (nor steered), so the maps are the conditional prompt's.
+- A layer whose processor is not Diffusers' default (an IP-Adapter's `FluxIPAdapterAttnProcessor`) keeps it under
+  exact capture and is not recorded (a warning says so); steering and explicit mode refuse it by name.
 
 `FluxRecorder.attend` is the one step every FLUX.1 and FLUX.2 processor shares, in place of Diffusers'
 `dispatch_attention_fn(query, key, value, attn_mask=attention_mask)`: in exact mode that same call, plus the
@@ -24,6 +26,7 @@ with that one call. Text positions: T5's (`tokenizer_2`), `max_sequence_length` 
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
@@ -212,7 +215,25 @@ class FluxFamily(Family):
         self.num_image = (latent_hw[0] // self.pack) * (latent_hw[1] // self.pack)
         return tuple(latent_hw), given.get("timestep")
 
+    def default_processors(self) -> tuple[type, ...]:
+        """Diffusers' own processors of these layers: the ones ours replace."""
+        from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+
+        return (FluxAttnProcessor,)
+
     def processor(self, store, layer, mode="exact", original=None, steering=None):
+        """Replace Diffusers' default processor; keep any other (an IP-Adapter's) in exact capture, unrecorded,
+        and refuse to steer over it (explicit mode, reweight and edit would drop what it adds)."""
+        if original is not None and type(original) not in self.default_processors():
+            if mode == "explicit" or steering is not None:
+                what = ("capture (explicit mode)" if steering is None
+                        else "reweight" if steering.token_map is None else "edit")
+                raise ValueError(f"the {what} processor would replace layer {layer}'s {type(original).__name__} "
+                                 "and drop what it adds; use capture in exact mode, leave the layer out with "
+                                 "layers=..., or remove it first (e.g. pipe.unload_ip_adapter())")
+            warnings.warn(f"{self.name} layers with a {type(original).__name__} keep it and are not recorded",
+                          RuntimeWarning, stacklevel=2)
+            return original
         double, single = self.processor_classes
         return (single if layer.startswith("single_transformer_blocks.") else double)(store, layer, self, mode,
                                                                                        steering)

@@ -146,6 +146,11 @@ class Flux2Family(FluxFamily):
     call_args = ("hidden_states", "encoder_hidden_states", "timestep", "img_ids")
     processor_classes = (Flux2CaptureProcessor, Flux2SingleCaptureProcessor)
 
+    def default_processors(self):
+        from diffusers.models.transformers.transformer_flux2 import Flux2AttnProcessor, Flux2ParallelSelfAttnProcessor
+
+        return (Flux2AttnProcessor, Flux2ParallelSelfAttnProcessor)
+
     def text_parts(self, pipe) -> list[str]:
         return ["llm"]
 
