@@ -259,3 +259,26 @@ def test_edit_injects_the_sources_text_share(pipe):
     torch.testing.assert_close(injected.store.sums[first][1], injected.store.sums[first][0], rtol=0, atol=1e-6)
     assert not torch.allclose(free.store.sums[first][1], free.store.sums[first][0], atol=1e-4)
     assert injected.words == WORDS and injected.alignments[1].word_texts[1] == "blue"
+
+
+def test_a_layer_with_its_own_processor_keeps_it_unrecorded(pipe):
+    """A processor other than Diffusers' joint ones (an IP-Adapter's; here a subclass) keeps computing its layer
+    under capture, so the image is unchanged and that layer is not recorded; explicit mode refuses it."""
+    class Own(JointAttnProcessor2_0):
+        pass
+
+    layer = "transformer_blocks.1.attn"
+    before = dict(pipe.transformer.attn_processors)
+    pipe.transformer.get_submodule(layer).set_processor(Own())
+    try:
+        reference = run(pipe)
+        with pytest.warns(RuntimeWarning, match="sd3 layers with a Own keep it and are not recorded"):
+            with capture(pipe) as store:
+                ours = run(pipe)
+        assert np.abs(ours - reference).max() == 0
+        assert store.layers == ["transformer_blocks.0.attn", "transformer_blocks.2.attn"]
+        with pytest.raises(ValueError, match=f"capture \\(explicit mode\\) processor would replace layer {layer}'s"):
+            with capture(pipe, mode="explicit"):
+                pass
+    finally:
+        pipe.transformer.set_attn_processor(before)

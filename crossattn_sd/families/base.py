@@ -18,6 +18,7 @@ A `Family` is bound to one denoiser (a UNet or a transformer) and answers, for t
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -153,6 +154,26 @@ class Family:
 
     def processor(self, store, layer: str, mode: str = "exact", original=None, steering: Steering | None = None):
         raise NotImplementedError
+
+    def default_processors(self) -> tuple[type, ...]:
+        """Diffusers' own processors of this family's layers, which its processor replaces (transformers)."""
+        return ()
+
+    def keeps(self, layer: str, original, mode: str, steering: Steering | None) -> bool:
+        """Whether a layer keeps `original`, a processor other than `default_processors()` (an IP-Adapter's): in
+        exact capture it stays, unrecorded, with a warning; explicit mode and steering, which would drop what
+        it adds, refuse it by name."""
+        if original is None or type(original) in self.default_processors():
+            return False
+        if mode == "explicit" or steering is not None:
+            what = ("capture (explicit mode)" if steering is None
+                    else "reweight" if steering.token_map is None else "edit")
+            raise ValueError(f"the {what} processor would replace layer {layer}'s {type(original).__name__} and drop "
+                             "what it adds; use capture in exact mode, leave the layer out with layers=..., or remove "
+                             "it first (e.g. pipe.unload_ip_adapter())")
+        warnings.warn(f"{self.name} layers with a {type(original).__name__} keep it and are not recorded",
+                      RuntimeWarning, stacklevel=3)
+        return True
 
     # -- text ----------------------------------------------------------------------------------------------
 

@@ -26,7 +26,6 @@ with that one call. Text positions: T5's (`tokenizer_2`), `max_sequence_length` 
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 
@@ -222,17 +221,7 @@ class FluxFamily(Family):
         return (FluxAttnProcessor,)
 
     def processor(self, store, layer, mode="exact", original=None, steering=None):
-        """Replace Diffusers' default processor; keep any other (an IP-Adapter's) in exact capture, unrecorded,
-        and refuse to steer over it (explicit mode, reweight and edit would drop what it adds)."""
-        if original is not None and type(original) not in self.default_processors():
-            if mode == "explicit" or steering is not None:
-                what = ("capture (explicit mode)" if steering is None
-                        else "reweight" if steering.token_map is None else "edit")
-                raise ValueError(f"the {what} processor would replace layer {layer}'s {type(original).__name__} "
-                                 "and drop what it adds; use capture in exact mode, leave the layer out with "
-                                 "layers=..., or remove it first (e.g. pipe.unload_ip_adapter())")
-            warnings.warn(f"{self.name} layers with a {type(original).__name__} keep it and are not recorded",
-                          RuntimeWarning, stacklevel=2)
+        if self.keeps(layer, original, mode, steering):
             return original
         double, single = self.processor_classes
         return (single if layer.startswith("single_transformer_blocks.") else double)(store, layer, self, mode,

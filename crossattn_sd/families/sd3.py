@@ -11,6 +11,9 @@ computed exactly as Diffusers' `JointAttnProcessor2_0` computes it.
 The last block has `context_pre_only=True` (no text output): it is recorded too. SD3.5's dual-attention blocks
 have a second, image-only attention `attn2` that sees no text: it keeps its processor.
 
+A layer whose processor is neither of Diffusers' joint defaults (an IP-Adapter's) keeps it under exact capture,
+unrecorded (`Family.keeps`).
+
 Skip-layer guidance (`skip_guidance_layers`) runs an extra transformer call per step on the conditional prompt
 with some blocks skipped: that call runs Diffusers' own processors and is not recorded.
 
@@ -187,7 +190,14 @@ class SD3Family(Family):
         skip_layers = args[7] if len(args) > 7 else kwargs.get("skip_layers")
         return not skip_layers
 
+    def default_processors(self):
+        from diffusers.models.attention_processor import FusedJointAttnProcessor2_0, JointAttnProcessor2_0
+
+        return (JointAttnProcessor2_0, FusedJointAttnProcessor2_0)  # ours computes both (unfused projections)
+
     def processor(self, store, layer, mode="exact", original=None, steering=None):
+        if self.keeps(layer, original, mode, steering):  # an IP-Adapter's: kept, unrecorded
+            return original
         return JointCaptureProcessor(store, layer, mode, steering)
 
     # -- text ----------------------------------------------------------------------------------------------
