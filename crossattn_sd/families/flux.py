@@ -26,6 +26,7 @@ with that one call. Text positions: T5's (`tokenizer_2`), `max_sequence_length` 
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 
@@ -173,7 +174,7 @@ class FluxFamily(Family):
         super().__init__(model)
         self.num_text = 0  # this call's text length (set at each step, read by single-stream blocks)
         self.num_image = 0  # this call's generated-image token count (reference images follow it)
-        self._latents = None  # the last call's `hidden_states`
+        self._latents = None  # a weak reference to the last call's `hidden_states`
 
     def is_text_layer(self, name: str, module) -> bool:
         return name.startswith(("transformer_blocks.", "single_transformer_blocks.")) and name.endswith(".attn")
@@ -196,8 +197,8 @@ class FluxFamily(Family):
         """A second call on the very same latents tensor as the call before it is guidance's negative-prompt
         call (FluxPipeline's and Flux2KleinPipeline's true CFG: the conditional call comes first): not recorded."""
         latents = args[0] if args else kwargs.get("hidden_states")
-        again = latents is self._latents
-        self._latents = latents
+        again = self._latents is not None and self._latents() is latents
+        self._latents = weakref.ref(latents)  # (a weak reference: a result's store must not keep the latents)
         return not again
 
     def step_input(self, args, kwargs):
