@@ -104,7 +104,9 @@ def install(model, store: MapStore, factory: ProcessorFactory, layers: str | Ite
     `attn_processors()` (the model's, or for a model without them each layer's) is filled in one
     `set_attn_processor` call: unmatched layers keep their processor. A forward pre-hook on the model tells the
     store where each model evaluation starts, with the latent size (maps are reshaped from it, so non-square
-    images work) and the timestep; the store places each layer's tokens on the grid the family gives.
+    images work) and the timestep; the store places each layer's tokens on the grid the family gives. A call
+    the family does not record (a guidance call beside the conditional one, `Family.recorded_call`) runs with
+    the original processors, swapped in for that call only.
     A model that already has this package's processors installed is refused (nesting would adopt them as the
     "originals").
     """
@@ -129,22 +131,35 @@ def install(model, store: MapStore, factory: ProcessorFactory, layers: str | Ite
     if hasattr(store, "grid"):  # a MapStore (duck-typed recorders place tokens themselves)
         store.grid = family.token_grid
 
+    guidance_call = []  # set while a guidance call runs on the original processors
+
     def on_model_call(module, args, kwargs):
+        if not family.recorded_call(args, kwargs):  # e.g. Flux's negative prompt: Diffusers' own, unrecorded
+            family.set_attn_processor(dict(originals))
+            guidance_call.append(True)
+            return
         step = family.step_input(args, kwargs)
-        if step is None:  # no step, nothing recorded: guidance's unconditional pass run as its own call
+        if step is None:  # a call that is no step records nothing
             return
         latent_hw, timestep = step
         if isinstance(timestep, torch.Tensor):  # meta tensors (shape-only models) have no value to read
             timestep = timestep.flatten()[0].item() if timestep.numel() and not timestep.is_meta else None
         store.begin_call(latent_hw, timestep)
 
-    hook = model.register_forward_pre_hook(on_model_call, with_kwargs=True)
+    def after_model_call(module, args, output):
+        if guidance_call:
+            guidance_call.clear()
+            family.set_attn_processor(dict(new))
+
+    hooks = [model.register_forward_pre_hook(on_model_call, with_kwargs=True),
+             model.register_forward_hook(after_model_call)]
     try:
-        family.set_attn_processor(new)
+        family.set_attn_processor(dict(new))  # (set_attn_processor empties the dict it is given)
         yield store
     finally:
-        hook.remove()
-        family.set_attn_processor(originals)
+        for hook in hooks:
+            hook.remove()
+        family.set_attn_processor(dict(originals))
     store.flush()  # the maps are complete when the block ends
 
 
@@ -164,6 +179,8 @@ def guidance_probe(pipe) -> Callable[[], bool] | bool:
     """Ask a pipeline, at each denoiser call, whether its batch is [unconditional, conditional]."""
     if not is_pipeline(pipe):
         return False  # a bare model: the caller's batch is taken as all-conditional
+    if not family_of(pipe).batched_guidance:  # guidance as separate calls (Flux): every batch is conditional
+        return False
     return lambda: bool(getattr(pipe, "do_classifier_free_guidance", False))
 
 

@@ -11,7 +11,7 @@ import torch
 from conftest import tiny_t5_tokenizer
 from crossattn_sd import capture, generate
 from crossattn_sd.families import ChromaFamily, family_of
-from crossattn_sd.families.chroma import ChromaCaptureProcessor
+from crossattn_sd.families.flux import FluxCaptureProcessor
 from crossattn_sd.maps import MapStore
 from crossattn_sd.processors import cross_attention_layers, install
 from crossattn_sd.steering import ProcessorSpec
@@ -80,7 +80,7 @@ def test_processors_restored_after_an_exception(pipe):
     with pytest.raises(RuntimeError, match="boom"):
         with capture(pipe):
             assert isinstance(pipe.transformer.attn_processors["transformer_blocks.0.attn.processor"],
-                              ChromaCaptureProcessor)
+                              FluxCaptureProcessor)
             raise RuntimeError("boom")
     assert all(p is before[k] for k, p in pipe.transformer.attn_processors.items())
 
@@ -158,8 +158,8 @@ def test_generate_words_maps_unknown_word_and_reweight(pipe):
                     processor=ProcessorSpec("reweight", weights=(("circle", 0.0),)), **KW)
     assert zero.heatmap("circle", normalize_by="none").max() == 0
     assert not np.array_equal(np.asarray(zero.images[0]), np.asarray(result.images[0]))
-    with pytest.raises(ValueError, match="Chroma layers record in exact mode only"):
-        generate(pipe, PROMPT, mode="explicit", **KW)
+    explicit = generate(pipe, PROMPT, negative_prompt="blue", mode="explicit", **KW)  # FLUX.1's processors
+    assert np.allclose(explicit.heatmap("circle"), result.heatmap("circle"), atol=1e-4)
 
 
 def test_full_chroma1_hd_transformer_on_the_meta_device():
@@ -182,7 +182,7 @@ def test_full_chroma1_hd_transformer_on_the_meta_device():
                 img_ids=torch.empty(grid * grid, 3, **meta), txt_ids=torch.empty(text, 3, **meta),
                 attention_mask=torch.empty(1, text + grid * grid, **meta))
     with capture(transformer, latent_size=(128, 128)) as store:
-        assert all(isinstance(transformer.attn_processors[f"{l}.processor"], ChromaCaptureProcessor) for l in layers)
+        assert all(isinstance(transformer.attn_processors[f"{l}.processor"], FluxCaptureProcessor) for l in layers)
         with torch.no_grad():
             transformer(**args)
     assert store.layers == layers

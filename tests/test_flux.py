@@ -94,8 +94,84 @@ def test_generate_words_maps_bundle_and_reweight(pipe, tmp_path):
     zero = generate(pipe, PROMPT, processor=ProcessorSpec("reweight", weights=(("circle", 0.0),)), **KW)
     assert zero.heatmap("circle", normalize_by="none").max() == 0
     assert not np.array_equal(np.asarray(zero.images[0]), np.asarray(result.images[0]))
-    with pytest.raises(ValueError, match="Flux layers record in exact mode only"):
-        generate(pipe, PROMPT, mode="explicit", **KW)
+
+
+def test_true_cfg_records_only_the_conditional_prompts_calls(pipe):
+    """`true_cfg_scale > 1` with a negative prompt calls the transformer twice a step: the negative call runs
+    Diffusers' processors and is not recorded, so each step's maps are the conditional prompt's."""
+    def true_cfg():
+        return pipe(PROMPT, negative_prompt="a blue square", true_cfg_scale=4.0, num_inference_steps=2,
+                    guidance_scale=3.5, height=32, width=48, generator=torch.Generator().manual_seed(0),
+                    output_type="np", max_sequence_length=T5_LENGTH).images
+
+    reference = true_cfg()
+    with capture(pipe, per_step=True) as store:
+        ours = true_cfg()
+    assert np.abs(ours - reference).max() == 0
+    assert store.num_steps == 2 and len(set(store.timesteps)) == 2
+    with capture(pipe, per_step=True) as plain:  # no negative prompt: one call a step, same first step
+        run(pipe)
+    for layer in store.layers:  # step 0: the same latents and prompt in both runs
+        assert torch.equal(store.steps[0][layer], plain.steps[0][layer])
+    assert all(isinstance(p, type(q)) for p, q in zip(pipe.transformer.attn_processors.values(),
+                                                      dict(pipe.transformer.attn_processors).values()))
+
+
+def test_attention_mask_is_used_by_the_recorded_probabilities(pipe):
+    """A mask passed to the attention (`joint_attention_kwargs`, as Diffusers' processor hands it to SDPA) masks
+    the recorded probabilities too: masked text tokens get exactly 0, and the image stays Diffusers'."""
+    num_keys = T5_LENGTH + 8 * 12  # [text; image] of a 32 x 48 image
+    mask = torch.ones(1, num_keys, dtype=torch.bool)
+    mask[:, 4:T5_LENGTH] = False  # text positions 4.. (the prompt's last words and the padding)
+
+    def masked():
+        return pipe(PROMPT, num_inference_steps=2, guidance_scale=3.5, height=32, width=48,
+                    generator=torch.Generator().manual_seed(0), output_type="np", max_sequence_length=T5_LENGTH,
+                    joint_attention_kwargs={"attention_mask": mask}).images
+
+    reference = masked()
+    assert np.abs(reference - run(pipe)).max() > 0  # the mask changes the image
+    for mode in ("exact", "explicit"):
+        with capture(pipe, mode=mode) as store:
+            ours = masked()
+        if mode == "exact":
+            assert np.abs(ours - reference).max() == 0
+        for layer in store.layers:
+            recorded = store.layer_mean(layer)
+            assert (recorded[..., 4:] == 0).all() and (recorded[..., :4] > 0).all()
+
+
+def test_explicit_mode_matches_exact_mode(pipe):
+    with capture(pipe, per_step=True) as exact:
+        reference = run(pipe)
+    with capture(pipe, mode="explicit", per_step=True) as explicit:
+        ours = run(pipe)
+    assert np.abs(ours - reference).max() < 1e-5
+    for layer in exact.layers:  # step 0 (later steps start from latents that differ by float rounding)
+        torch.testing.assert_close(explicit.steps[0][layer], exact.steps[0][layer], rtol=0, atol=1e-6)
+
+
+def test_edit_with_identical_prompts_reproduces_the_plain_image(pipe):
+    """Injecting a prompt's own attention changes nothing: the edit's pair equals the plain explicit-mode pair
+    bit for bit (a batch of two, as the edit runs: a batch of one differs from it by float rounding)."""
+    with capture(pipe, mode="explicit"):
+        plain = pipe([PROMPT, PROMPT], num_inference_steps=2, guidance_scale=3.5, height=32, width=48,
+                     generator=[torch.Generator().manual_seed(0) for _ in range(2)],
+                     max_sequence_length=T5_LENGTH).images
+    ours = generate(pipe, PROMPT, processor=ProcessorSpec("edit", edit_prompt=PROMPT), **KW)
+    assert len(ours.images) == 2
+    for i in range(2):
+        assert np.array_equal(np.asarray(ours.images[i]), np.asarray(plain[i]))
+
+
+def test_edit_injects_the_sources_text_share(pipe):
+    swap = "a blue circle on the left"
+    injected = generate(pipe, PROMPT, processor=ProcessorSpec("edit", edit_prompt=swap, inject=1.0), **KW)
+    free = generate(pipe, PROMPT, processor=ProcessorSpec("edit", edit_prompt=swap, inject=0.0), **KW)
+    first = injected.store.layers[0]
+    torch.testing.assert_close(injected.store.sums[first][1], injected.store.sums[first][0], rtol=0, atol=1e-6)
+    assert not torch.allclose(free.store.sums[first][1], free.store.sums[first][0], atol=1e-4)
+    assert injected.words == WORDS and injected.alignments[1].word_texts[1] == "blue"
 
 
 def test_full_flux1_dev_transformer_on_the_meta_device():
@@ -127,3 +203,32 @@ def test_full_flux1_dev_transformer_on_the_meta_device():
     assert store.sums[layers[0]].shape == (1, grid, grid, 512)
     assert all(p is before[k] for k, p in transformer.attn_processors.items())
     assert FluxFamily(transformer).layer_sizes((128, 96))[layers[-1]] == (64, 48)
+
+
+def test_a_layer_with_its_own_processor_keeps_it_unrecorded_and_steering_refuses_it(pipe):
+    """A processor other than Diffusers' default (an IP-Adapter's, here a counting stand-in) keeps computing its
+    layer under capture, so the image is unchanged; that layer is not recorded, and reweight refuses it."""
+    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+
+    class Counting:
+        calls = 0
+
+        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                     image_rotary_emb=None):
+            Counting.calls += 1
+            return FluxAttnProcessor()(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+
+    layer = "transformer_blocks.0.attn"
+    before = dict(pipe.transformer.attn_processors)
+    pipe.transformer.get_submodule(layer).set_processor(Counting())
+    try:
+        reference = run(pipe)
+        with pytest.warns(RuntimeWarning, match="flux layers with a Counting keep it and are not recorded"):
+            with capture(pipe) as store:
+                ours = run(pipe)
+        assert np.abs(ours - reference).max() == 0 and Counting.calls == 4  # 2 plain + 2 captured
+        assert store.layers == ["single_transformer_blocks.0.attn"]
+        with pytest.raises(ValueError, match=f"reweight processor would replace layer {layer}'s Counting"):
+            generate(pipe, PROMPT, processor=ProcessorSpec("reweight", weights=(("circle", 2.0),)), **KW)
+    finally:
+        pipe.transformer.set_attn_processor(before)

@@ -92,8 +92,56 @@ def test_generate_words_from_the_chat_template_maps_and_reweight(pipe):
     zero = generate(pipe, PROMPT, processor=ProcessorSpec("reweight", weights=(("circle", 0.0),)), **KW)
     assert zero.heatmap("circle", normalize_by="none").max() == 0
     assert not np.array_equal(np.asarray(zero.images[0]), np.asarray(result.images[0]))
-    with pytest.raises(ValueError, match="FLUX.2 layers record in exact mode only"):
-        generate(pipe, PROMPT, mode="explicit", **KW)
+
+
+def test_klein_base_guidance_records_only_the_conditional_calls(pipe):
+    """A Klein base model (not distilled) with guidance > 1 calls the transformer twice a step, the negative prompt
+    second, on the same latents: that call runs Diffusers' processors unrecorded (it used to fail as a guidance
+    batch of odd size 1)."""
+    from diffusers import Flux2KleinPipeline
+
+    base = Flux2KleinPipeline(**pipe.components, is_distilled=False)
+    base.set_progress_bar_config(disable=True)
+
+    def guided():
+        return base(prompt=PROMPT, num_inference_steps=2, guidance_scale=4.0, height=32, width=48,
+                    generator=torch.Generator().manual_seed(0), output_type="np",
+                    max_sequence_length=TEXT_LENGTH).images
+
+    reference = guided()
+    with capture(base, per_step=True) as store:
+        ours = guided()
+    assert np.abs(ours - reference).max() == 0
+    assert store.num_steps == 2 and store.num_images == 1
+    with capture(pipe, per_step=True) as plain:  # the distilled pipeline: one call a step, same first step
+        run(pipe)
+    for layer in store.layers:
+        assert torch.equal(store.steps[0][layer], plain.steps[0][layer])
+
+
+def test_explicit_mode_matches_exact_mode(pipe):
+    with capture(pipe, per_step=True) as exact:
+        reference = run(pipe)
+    with capture(pipe, mode="explicit", per_step=True) as explicit:
+        ours = run(pipe)
+    assert np.abs(ours - reference).max() < 1e-5
+    for layer in exact.layers:
+        torch.testing.assert_close(explicit.steps[0][layer], exact.steps[0][layer], rtol=0, atol=1e-6)
+
+
+def test_edit_with_identical_prompts_reproduces_the_plain_image_and_injects(pipe):
+    with capture(pipe, mode="explicit"):
+        plain = pipe(prompt=[PROMPT, PROMPT], num_inference_steps=2, guidance_scale=1.0, height=32, width=48,
+                     generator=[torch.Generator().manual_seed(0) for _ in range(2)],
+                     max_sequence_length=TEXT_LENGTH).images
+    same = generate(pipe, PROMPT, processor=ProcessorSpec("edit", edit_prompt=PROMPT), **KW)
+    assert all(np.array_equal(np.asarray(same.images[i]), np.asarray(plain[i])) for i in range(2))
+    swap = "a blue circle on the left"
+    injected = generate(pipe, PROMPT, processor=ProcessorSpec("edit", edit_prompt=swap, inject=1.0), **KW)
+    free = generate(pipe, PROMPT, processor=ProcessorSpec("edit", edit_prompt=swap, inject=0.0), **KW)
+    first = injected.store.layers[0]
+    torch.testing.assert_close(injected.store.sums[first][1], injected.store.sums[first][0], rtol=0, atol=1e-6)
+    assert not torch.allclose(free.store.sums[first][1], free.store.sums[first][0], atol=1e-4)
 
 
 def test_full_flux2_klein_4b_transformer_on_the_meta_device():

@@ -220,6 +220,27 @@ def test_reweight_unit_weights_is_capture_exact_bit_for_bit_and_zero_removes_a_w
         torch.testing.assert_close(explicit.store.steps[0][layer], zero.store.steps[0][layer], rtol=0, atol=1e-6)
 
 
+def test_skip_layer_guidance_records_only_the_guided_call(pipe):
+    """`skip_guidance_layers` adds a transformer call in steps 1.. (the conditional prompt, block 1 skipped): it
+    runs Diffusers' processors unrecorded (it used to fail as a guidance batch of odd size 1)."""
+    def slg():
+        return pipe(PROMPT, num_inference_steps=3, guidance_scale=3.0, height=32, width=48,
+                    generator=torch.Generator().manual_seed(0), output_type="np", max_sequence_length=T5_LENGTH,
+                    skip_guidance_layers=[1], skip_layer_guidance_start=0.0, skip_layer_guidance_stop=1.0).images
+
+    reference = slg()
+    assert np.abs(reference - run(pipe, steps=3)).max() > 0  # the skip-layer call changes the image
+    with capture(pipe, per_step=True) as store:
+        ours = slg()
+    assert np.abs(ours - reference).max() == 0
+    assert store.num_steps == 3 and store.num_images == 1
+    with capture(pipe, per_step=True) as plain:
+        run(pipe, steps=3)
+    for step in (0, 1):  # the same latents in both runs up to step 1's call
+        for layer in store.layers:
+            assert torch.equal(store.steps[step][layer], plain.steps[step][layer])
+
+
 def test_edit_with_identical_prompts_reproduces_the_plain_image(pipe):
     plain = generate(pipe, PROMPT, mode="explicit", **KW)
     ours = generate(pipe, PROMPT, processor=ProcessorSpec("edit", edit_prompt=PROMPT), **KW)
@@ -238,3 +259,26 @@ def test_edit_injects_the_sources_text_share(pipe):
     torch.testing.assert_close(injected.store.sums[first][1], injected.store.sums[first][0], rtol=0, atol=1e-6)
     assert not torch.allclose(free.store.sums[first][1], free.store.sums[first][0], atol=1e-4)
     assert injected.words == WORDS and injected.alignments[1].word_texts[1] == "blue"
+
+
+def test_a_layer_with_its_own_processor_keeps_it_unrecorded(pipe):
+    """A processor other than Diffusers' joint ones (an IP-Adapter's; here a subclass) keeps computing its layer
+    under capture, so the image is unchanged and that layer is not recorded; explicit mode refuses it."""
+    class Own(JointAttnProcessor2_0):
+        pass
+
+    layer = "transformer_blocks.1.attn"
+    before = dict(pipe.transformer.attn_processors)
+    pipe.transformer.get_submodule(layer).set_processor(Own())
+    try:
+        reference = run(pipe)
+        with pytest.warns(RuntimeWarning, match="sd3 layers with a Own keep it and are not recorded"):
+            with capture(pipe) as store:
+                ours = run(pipe)
+        assert np.abs(ours - reference).max() == 0
+        assert store.layers == ["transformer_blocks.0.attn", "transformer_blocks.2.attn"]
+        with pytest.raises(ValueError, match=f"capture \\(explicit mode\\) processor would replace layer {layer}'s"):
+            with capture(pipe, mode="explicit"):
+                pass
+    finally:
+        pipe.transformer.set_attn_processor(before)

@@ -2,16 +2,16 @@
 
 Load it with `-p capture_plugin` (this folder and the crossattn-sd checkout on PYTHONPATH; `run.py` does it):
 
-- `--crossattn-capture`: every `__call__` of a `DiffusionPipeline` subclass whose `unet` has cross-attention
-  layers runs inside `crossattn_sd.capture(pipe, mode="exact")`. The test harness patches the pipeline classes
+- `--crossattn-capture`: every `__call__` of a `DiffusionPipeline` subclass whose denoiser is of a family
+  crossattn-sd supports (a UNet with cross-attention layers, SD3, FLUX.1, FLUX.2) runs inside
+  `crossattn_sd.capture(pipe, mode="exact")`. The test harness patches the pipeline classes
   for the test run (and restores them at the end); the package itself never patches anything. A pipeline
   called from inside another captured call is not captured twice.
 - `--crossattn-outcomes PATH`: write each test's outcome ("passed", "failed", "skipped", "error") and, with
   capture, how many pipeline calls were captured and how many of them recorded maps, to a JSON file.
-- Offline stand-ins: Diffusers' fast tests load their CLIP tokenizer from the Hub
-  (`hf-internal-testing/tiny-random-clip`). Under HF_HUB_OFFLINE=1 that id is redirected to a local
-  character-level CLIP tokenizer (ids below the tests' vocab_size of 1000, model_max_length 77). Expected
-  pixel slices then differ from Diffusers' references, so compare the SETS of passing tests of two runs.
+- Offline stand-ins: Diffusers' fast tests load tokenizers (CLIP, T5, Qwen2, a Mistral processor) and T5's
+  config from the Hub; `offline_hub.py` builds local ones and redirects those ids to them. Expected pixel
+  slices then differ from Diffusers' references, so compare the SETS of passing tests of two runs.
 """
 
 from __future__ import annotations
@@ -25,15 +25,11 @@ from pathlib import Path
 
 import pytest
 
-TINY_CLIP = "hf-internal-testing/tiny-random-clip"
-WORDS = ["a", "painting", "of", "squirrel", "eating", "burger", "the", "and", "photo", "cat"]
-
 _state = threading.local()
 _stats: dict[str, dict[str, int]] = {}
 _hashes: dict[str, list[str]] = {}  # test -> a hash of each pipeline call's output, in call order
 _current: list[str] = [""]
 _patched: dict[type, object] = {}
-_local_tokenizers: dict[str, str] = {}
 
 
 def pytest_addoption(parser):
@@ -43,67 +39,18 @@ def pytest_addoption(parser):
     group.addoption("--crossattn-outcomes", default=None, help="write test outcomes (and capture counts) as JSON")
 
 
-# -- offline tokenizer ----------------------------------------------------------------------------------------
-
-
-def tiny_clip_tokenizer(max_length: int = 77):
-    """A CLIP BPE tokenizer over single characters plus a few whole words (ids < 200), saved-and-loadable."""
-    from transformers import CLIPTokenizer
-
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in "abcdefghijklmnopqrstuvwxyz0123456789,.!?'-":
-        vocab.setdefault(c, len(vocab))
-        vocab.setdefault(c + "</w>", len(vocab))
-    merges = []
-    for word in WORDS:  # left-to-right merges: "c a" -> "ca", "ca t</w>" -> "cat</w>"
-        pieces = list(word[:-1]) + [word[-1] + "</w>"]
-        while len(pieces) > 1:
-            a, b = pieces[0], pieces[1]
-            if (a, b) not in merges:
-                merges.append((a, b))
-            vocab.setdefault(a + b, len(vocab))
-            pieces = [a + b] + pieces[2:]
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length, unk_token="<|endoftext|>",
-                         bos_token="<|startoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>")
-
-
-def _redirect_tokenizers(tmp: Path) -> None:
-    """Point `from_pretrained(TINY_CLIP)` of every tokenizer class at a local copy of `tiny_clip_tokenizer()`."""
-    from transformers.tokenization_utils_base import PreTrainedTokenizerBase
-
-    folder = tmp / "tiny-random-clip"
-    tiny_clip_tokenizer().save_pretrained(folder)
-    _local_tokenizers[TINY_CLIP] = str(folder)
-    original = PreTrainedTokenizerBase.from_pretrained.__func__
-
-    def from_pretrained(cls, name, *args, **kwargs):
-        if isinstance(name, str) and name in _local_tokenizers:
-            name = _local_tokenizers[name]
-            kwargs.pop("subfolder", None)
-        return original(cls, name, *args, **kwargs)
-
-    PreTrainedTokenizerBase.from_pretrained = classmethod(from_pretrained)
-    from transformers import AutoTokenizer
-
-    auto_original = AutoTokenizer.from_pretrained.__func__
-
-    def auto_from_pretrained(cls, name, *args, **kwargs):
-        if isinstance(name, str) and name in _local_tokenizers:
-            name = _local_tokenizers[name]
-            kwargs.pop("subfolder", None)
-        return auto_original(cls, name, *args, **kwargs)
-
-    AutoTokenizer.from_pretrained = classmethod(auto_from_pretrained)
-
-
 # -- capture around every pipeline call -----------------------------------------------------------------------
 
 
 def _capturable(pipe) -> bool:
-    from crossattn_sd.processors import cross_attention_layers
+    """Whether crossattn-sd supports the pipeline's denoiser and it has text-attention layers."""
+    from crossattn_sd.families import family_of
 
-    unet = getattr(pipe, "unet", None)
-    return unet is not None and hasattr(unet, "attn_processors") and bool(cross_attention_layers(unet))
+    try:
+        family = family_of(pipe)
+    except ValueError:  # a family crossattn-sd does not support: the call runs plain
+        return False
+    return hasattr(family.model, "attn_processors") and bool(family.layers())
 
 
 def _digest(obj, h) -> None:
@@ -189,8 +136,10 @@ _reasons: dict[str, str] = {}  # the first line of each failure's exception
 
 
 def pytest_configure(config):
+    import offline_hub
+
     config._crossattn_tmp = tempfile.TemporaryDirectory(prefix="crossattn-suite-")
-    _redirect_tokenizers(Path(config._crossattn_tmp.name))
+    offline_hub.redirect(Path(config._crossattn_tmp.name))
 
 
 def pytest_runtest_setup(item):

@@ -7,9 +7,10 @@ A `Family` is bound to one denoiser (a UNet or a transformer) and answers, for t
 - `token_grid(latent_hw, num_queries)`: where a layer's image tokens sit on the (h, w) grid for a latent;
   `layer_sizes(latent_hw)`: that grid for every layer;
 - `step_input(args, kwargs)`: where a step begins: the latent size and timestep of a denoiser call (read by a
-  forward pre-hook on the denoiser), or None for a call that is no step and records nothing (the unconditional
-  pass of pipelines that run classifier-free guidance as a second call: `SeparateGuidance`);
-- `recorded(store, batch)`: the rows of a call's batch whose maps are kept;
+  forward pre-hook on the denoiser); `recorded_call(args, kwargs)`: whether that call is recorded at all (not
+  a guidance call beside the conditional one: the negative-prompt call of Flux's true CFG, Chroma and
+  Qwen-Image, SD3's skip-layer call: it runs on Diffusers' own processors);
+- `recorded(store, batch)`: the rows of a recorded call's batch whose maps are kept;
 - `processor(store, layer, mode, original, steering)`: the processor that records (and steers) one layer;
 - `text_positions(pipe, prompt, ...)`: which tokenizer owns which text positions, as a `PromptTokens`;
 - `native_latent_size()`, `pipeline_kwargs(...)`, `guidance_kwargs(...)`: what `generate` needs to call the
@@ -20,6 +21,7 @@ A `Family` is bound to one denoiser (a UNet or a transformer) and answers, for t
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -127,6 +129,7 @@ class Family:
     model_classes: tuple[str, ...] = ()  # Diffusers class names of the denoisers this family handles
     layer_kind = "text-attention"  # how errors name its layers
     uniform_attention = False  # whether its processors run `Steering.uniform` (the `uniform` processor)
+    batched_guidance = True  # classifier-free guidance runs [unconditional, conditional] as one batch
     latent_hint: tuple[int, int] | None = None  # the latent size `install` was given (or the native one)
 
     def __init__(self, model):
@@ -177,6 +180,11 @@ class Family:
         """(latent (h, w), timestep) of one denoiser call, from its forward pre-hook's arguments."""
         raise NotImplementedError
 
+    def recorded_call(self, args: tuple, kwargs: dict) -> bool:
+        """Whether a denoiser call is recorded. False for a guidance call the pipeline makes beside the
+        conditional one (`install` runs it with Diffusers' own processors: no maps, no steering, no step)."""
+        return True
+
     def processor(self, store, layer: str, mode: str = "exact", original=None, steering: Steering | None = None):
         raise NotImplementedError
 
@@ -184,6 +192,25 @@ class Family:
         """The rows of this call's batch whose maps are kept: the store's (the conditional half under guidance
         batched as [unconditional, conditional])."""
         return store.conditional(batch)
+    def default_processors(self) -> tuple[type, ...]:
+        """Diffusers' own processors of this family's layers, which its processor replaces (transformers)."""
+        return ()
+
+    def keeps(self, layer: str, original, mode: str, steering: Steering | None) -> bool:
+        """Whether a layer keeps `original`, a processor other than `default_processors()` (an IP-Adapter's): in
+        exact capture it stays, unrecorded, with a warning; explicit mode and steering, which would drop what
+        it adds, refuse it by name."""
+        if original is None or type(original) in self.default_processors():
+            return False
+        if mode == "explicit" or steering is not None:
+            what = ("capture (explicit mode)" if steering is None
+                    else "reweight" if steering.token_map is None else "edit")
+            raise ValueError(f"the {what} processor would replace layer {layer}'s {type(original).__name__} and drop "
+                             "what it adds; use capture in exact mode, leave the layer out with layers=..., or remove "
+                             "it first (e.g. pipe.unload_ip_adapter())")
+        warnings.warn(f"{self.name} layers with a {type(original).__name__} keep it and are not recorded",
+                      RuntimeWarning, stacklevel=3)
+        return True
 
     # -- text ----------------------------------------------------------------------------------------------
 
@@ -204,38 +231,66 @@ class Family:
         return {"guidance_scale": guidance_scale}
 
 
-class SeparateGuidance:
-    """For a family whose pipelines run classifier-free guidance as a second denoiser call on the same latents
-    after the conditional one (Chroma, Qwen-Image): that call's batch holds the negative prompt only, so it is no
-    step and records nothing. Mix in before the `Family` class and ask `unconditional_call` in `step_input`."""
-
-    _last_call = None  # (latents, timestep) of the previous denoiser call
-    unconditional = False
-
-    def unconditional_call(self, latents: torch.Tensor, timestep) -> bool:
-        """Whether this call evaluates the very latents of the previous call at the same timestep again: the
-        unconditional pass (each step's conditional call gets the latents the scheduler just made)."""
-        last, self._last_call = self._last_call, (latents, timestep)
-        self.unconditional = (last is not None and last[0] is latents
-                              and (last[1] is timestep or _same_value(last[1], timestep)))
-        return self.unconditional
-
-    def recorded(self, store, batch: int) -> slice:
-        return slice(0, 0) if self.unconditional else slice(0, batch)
-
-
-def _same_value(a, b) -> bool:
-    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
-        return a.shape == b.shape and not a.is_meta and bool((a == b).all())
-    return a == b
-
-
-def additive_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+def as_additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     """An attention mask as SDPA applies it, in additive form: a boolean mask keeps True (0) and drops False
     (-inf); a float mask is added to the scores as it is."""
     if mask is None or mask.dtype != torch.bool:
         return mask
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
+def joint_steer(probs: torch.Tensor, steering: Steering, rec: slice, heads: int, image: slice, text: slice,
+                store) -> torch.Tensor:
+    """Steer joint-attention probabilities (B * heads, N, N) whose keys hold the generated image's tokens at
+    `image` and the text tokens at `text` (SD3: [image; text]; Flux: [text; image (; reference images)]).
+
+    Reweight scales the text columns for every query of the recorded images, image and text alike (rows not
+    renormalised, as in prompt-to-prompt): exactly what scaling the text values does, so both modes agree. An
+    edit takes the source's image->text probabilities into the edit's image rows; the rest of each of those
+    rows (the edit's own attention to non-text tokens) is scaled to fill 1 - the source's text share, so rows
+    still sum to 1, the edit keeps its own layout of attention among image tokens, and identical prompts
+    reproduce the plain image (the factor is then exactly 1). The text queries' rows are not injected.
+    """
+    if steering.token_weights is not None:
+        probs = probs.clone()
+        probs[:, :, text] = steering.reweight(probs[:, :, text], rec, heads)
+    if steering.injecting(store):
+        image_text = probs[:, image, text]
+        steered = steering.inject(image_text, rec, heads, store)
+        edit_rows = slice((rec.start + 1) * heads, (rec.start + 2) * heads)
+        own = image_text[edit_rows].sum(-1, keepdim=True)
+        taken = steered[edit_rows].sum(-1, keepdim=True)
+        probs = probs.clone()
+        probs[edit_rows, image] *= (1 - taken) / (1 - own).clamp_min(torch.finfo(probs.dtype).tiny)
+        probs[:, image, text] = steered  # (the edit rows' text columns scaled just above are replaced)
+    return probs
+
+
+def weights_kwarg(steering: Steering | None) -> dict:
+    """`record_attention`'s `token_weights` for an exact-mode reweight (none without weights)."""
+    if steering is None or steering.token_weights is None:
+        return {}
+    return {"token_weights": steering.token_weights}
+
+
+def additive_mask(mask: torch.Tensor | None, rec: slice, queries: slice, num_keys: int,
+                  dtype: torch.dtype) -> torch.Tensor | None:
+    """An SDPA `attn_mask` (boolean, True = attend, or additive; broadcastable to (B, heads, Nq, Nk); a (B, Nk)
+    mask is Diffusers' per-key padding mask) as an additive mask for the recorded images' `queries` rows:
+    (n, 1 or heads, 1 or len(queries), Nk), what `text_attention` adds to the scores."""
+    if mask is None:
+        return None
+    if mask.ndim == 2 and mask.shape[-1] == num_keys and mask.shape[0] > 1:
+        mask = mask[:, None, None, :]  # (B, Nk): as Diffusers' native backend reads it
+    while mask.ndim < 4:
+        mask = mask[None]
+    if mask.shape[0] > 1:
+        mask = mask[rec]
+    if mask.shape[-2] > 1:
+        mask = mask[..., queries, :]
+    if mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+    return mask.to(dtype).expand(rec.stop - rec.start, *mask.shape[1:])
 
 
 def check_mode(mode: str) -> None:

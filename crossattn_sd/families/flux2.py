@@ -9,49 +9,26 @@
   generated image; reference images have t > 0 and are appended after it: only the generated image's queries
   are recorded, over the whole key sequence).
 
-The processors are Diffusers' `Flux2AttnProcessor` and `Flux2ParallelSelfAttnProcessor` plus one store call.
+- Klein base models (`is_distilled=False`) with guidance > 1 run classifier-free guidance as a second transformer
+  call per step on the same latents with the negative prompt: as FLUX.1's true CFG, that call runs Diffusers'
+  own processors and is not recorded (the batch is never [unconditional, conditional]).
+
+The processors are Diffusers' `Flux2AttnProcessor` and `Flux2ParallelSelfAttnProcessor` with their attention
+call replaced by `FluxRecorder.attend` (records; exact or explicit mode; reweight and edit, see `flux.py`).
 Text positions: the text encoder's (Qwen3 for Klein, Mistral 3 for FLUX.2 [dev]) over the pipeline's chat
 template, `max_sequence_length` of them; only the prompt's own tokens are words.
-Not covered: the KV-cache processors of `Flux2KleinKVPipeline`, and classifier-free guidance run as a second
-transformer call (Klein base models with guidance > 1).
+Not covered: the KV-cache processors of `Flux2KleinKVPipeline`.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from .base import Recorder, Steering, check_mode
-from .flux import FluxFamily
+from .flux import FluxFamily, FluxRecorder
 
 
-class _Flux2Recorder(Recorder):
-    _attention_backend = None
-    _parallel_config = None
-
-    def __init__(self, store, layer: str, family: "Flux2Family", steering: Steering | None = None):
-        self.store = store
-        self.layer = layer
-        self.family = family
-        self.steering = steering
-
-    def _steer(self, value, rec, num_text):
-        if self.steering is None:  # reweight: sum_j p_j w_j v_j = SDPA(Q, K, w * V); (B, N, heads, d)
-            return value
-        return self.steering.scale_values(value.transpose(1, 2), rec, (0, num_text)).transpose(1, 2)
-
-    def _record(self, query, key, rec, num_text):
-        kwargs = {} if self.steering is None or self.steering.token_weights is None else {
-            "token_weights": self.steering.token_weights}
-        image = slice(num_text, num_text + self.family.num_image)  # the generated image's tokens
-        self.store.record_attention(self.layer, query[rec, image].transpose(1, 2), key[rec].transpose(1, 2),
-                                    None, 1 / math.sqrt(query.shape[-1]), columns=(0, num_text), **kwargs)
-
-
-class Flux2CaptureProcessor(_Flux2Recorder):
-    """`Flux2AttnProcessor` (double-stream blocks) plus one call that records the image queries' attention to
-    the text tokens."""
+class Flux2CaptureProcessor(FluxRecorder):
+    """`Flux2AttnProcessor` (double-stream blocks) with its attention call replaced by `FluxRecorder.attend`."""
 
     def __call__(
         self,
@@ -61,7 +38,6 @@ class Flux2CaptureProcessor(_Flux2Recorder):
         attention_mask: torch.Tensor | None = None,
         image_rotary_emb: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        from diffusers.models.attention_dispatch import dispatch_attention_fn
         from diffusers.models.embeddings import apply_rotary_emb
         from diffusers.models.transformers.transformer_flux2 import _get_qkv_projections
 
@@ -92,21 +68,9 @@ class Flux2CaptureProcessor(_Flux2Recorder):
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
 
-        num_text = encoder_hidden_states.shape[1] if encoder_hidden_states is not None else self.family.num_text
-        rec = self.store.conditional(query.shape[0])
-        value = self._steer(value, rec, num_text)
-
-        hidden_states = dispatch_attention_fn(
-            query,
-            key,
-            value,
-            attn_mask=attention_mask,
-            backend=self._attention_backend,
-            parallel_config=self._parallel_config,
-        )
+        hidden_states = self.attend(query, key, value, attention_mask, encoder_hidden_states)
         hidden_states = hidden_states.flatten(2, 3)
         hidden_states = hidden_states.to(query.dtype)
-        self._record(query, key, rec, num_text)
 
         if encoder_hidden_states is not None:
             encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
@@ -123,9 +87,9 @@ class Flux2CaptureProcessor(_Flux2Recorder):
             return hidden_states
 
 
-class Flux2SingleCaptureProcessor(_Flux2Recorder):
-    """`Flux2ParallelSelfAttnProcessor` (single-stream blocks: QKV fused with the MLP's input) plus one call that
-    records the image queries' attention to the text tokens; the text length comes from the step's call."""
+class Flux2SingleCaptureProcessor(FluxRecorder):
+    """`Flux2ParallelSelfAttnProcessor` (single-stream blocks: QKV fused with the MLP's input) with its attention
+    call replaced by `FluxRecorder.attend`; the text length comes from the step's call."""
 
     def __call__(
         self,
@@ -134,7 +98,6 @@ class Flux2SingleCaptureProcessor(_Flux2Recorder):
         attention_mask: torch.Tensor | None = None,
         image_rotary_emb: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        from diffusers.models.attention_dispatch import dispatch_attention_fn
         from diffusers.models.embeddings import apply_rotary_emb
 
         # Parallel in (QKV + MLP in) projection
@@ -159,21 +122,9 @@ class Flux2SingleCaptureProcessor(_Flux2Recorder):
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
 
-        num_text = self.family.num_text  # the joined sequence is [text; image]
-        rec = self.store.conditional(query.shape[0])
-        value = self._steer(value, rec, num_text)
-
-        hidden_states = dispatch_attention_fn(
-            query,
-            key,
-            value,
-            attn_mask=attention_mask,
-            backend=self._attention_backend,
-            parallel_config=self._parallel_config,
-        )
+        hidden_states = self.attend(query, key, value, attention_mask, None)  # the joined [text; image]
         hidden_states = hidden_states.flatten(2, 3)
         hidden_states = hidden_states.to(query.dtype)
-        self._record(query, key, rec, num_text)
 
         # Handle the feedforward (FF) logic
         mlp_hidden_states = attn.mlp_act_fn(mlp_hidden_states)
@@ -192,31 +143,13 @@ class Flux2Family(FluxFamily):
     description = "Flux2Transformer2DModel (FLUX.2 [dev], FLUX.2 [klein])"
     model_classes = ("Flux2Transformer2DModel",)
 
-    def __init__(self, model):
-        super().__init__(model)
-        self.num_image = 0  # this call's generated-image token count (reference images follow it)
+    call_args = ("hidden_states", "encoder_hidden_states", "timestep", "img_ids")
+    processor_classes = (Flux2CaptureProcessor, Flux2SingleCaptureProcessor)
 
-    def step_input(self, args, kwargs):
-        names = ("hidden_states", "encoder_hidden_states", "timestep", "img_ids")
-        given = dict(zip(names, args), **kwargs)
-        self.num_text = int(given["encoder_hidden_states"].shape[1])
-        ids = given["img_ids"]
-        if ids.is_meta:  # shapes only: the latent size the call was installed for
-            latent_hw = self.latent_hint
-        else:
-            ids = ids.reshape(-1, ids.shape[-1])
-            ids = ids[ids[:, 0] == 0]  # (t, h, w, l): t = 0 is the generated image
-            latent_hw = (int(ids[:, 1].max()) + 1) * self.pack, (int(ids[:, 2].max()) + 1) * self.pack
-        self.num_image = (latent_hw[0] // self.pack) * (latent_hw[1] // self.pack)
-        return tuple(latent_hw), given.get("timestep")
+    def default_processors(self):
+        from diffusers.models.transformers.transformer_flux2 import Flux2AttnProcessor, Flux2ParallelSelfAttnProcessor
 
-    def processor(self, store, layer, mode="exact", original=None, steering=None):
-        check_mode(mode)
-        if mode != "exact":
-            raise ValueError("FLUX.2 layers record in exact mode only (explicit mode and edit are not available "
-                             "for FLUX.2 yet); use mode='exact'")
-        single = layer.startswith("single_transformer_blocks.")
-        return (Flux2SingleCaptureProcessor if single else Flux2CaptureProcessor)(store, layer, self, steering)
+        return (Flux2AttnProcessor, Flux2ParallelSelfAttnProcessor)
 
     def text_parts(self, pipe) -> list[str]:
         return ["llm"]

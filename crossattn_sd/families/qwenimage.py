@@ -7,8 +7,9 @@
 - The text may carry a padding mask (prompts of different lengths in one batch), which the processor turns into a
   boolean mask over the joint keys; the maps use it as the output does.
 - Classifier-free guidance ("true CFG", `true_cfg_scale` with a negative prompt) runs the transformer a second
-  time on the same latents: that call is no step and records nothing (`SeparateGuidance`). `generate`'s guidance
-  is `true_cfg_scale`, with the model card's negative prompt " " when none is given.
+  time on the same latents: that call is not recorded (`FluxFamily.recorded_call`: it runs on Diffusers' own
+  processors). `generate`'s guidance is `true_cfg_scale`, with the model card's negative prompt " " when none is
+  given.
 
 Text positions: the pipeline formats the prompt into its chat template (a system message, then the user turn),
 runs Qwen2.5-VL over it and drops the template's first `prompt_template_encode_start_idx` (34) tokens, keeping the
@@ -21,7 +22,7 @@ import math
 
 import torch
 
-from .base import Recorder, SeparateGuidance, Steering, additive_mask, check_mode
+from .base import Recorder, Steering, as_additive, check_mode
 from .flux import FluxFamily
 
 
@@ -137,7 +138,7 @@ class QwenImageCaptureProcessor(Recorder):
         joint_hidden_states = joint_hidden_states.flatten(2, 3)
         joint_hidden_states = joint_hidden_states.to(joint_query.dtype)
         if recording:
-            mask = None if attention_mask is None else additive_mask(attention_mask[rec], joint_query.dtype)
+            mask = None if attention_mask is None else as_additive(attention_mask[rec], joint_query.dtype)
             kwargs = {} if self.steering is None or self.steering.token_weights is None else {
                 "token_weights": self.steering.token_weights}
             self.store.record_attention(self.layer, img_query[rec].transpose(1, 2), joint_key[rec].transpose(1, 2),
@@ -157,7 +158,7 @@ class QwenImageCaptureProcessor(Recorder):
         return img_attn_output, txt_attn_output
 
 
-class QwenImageFamily(SeparateGuidance, FluxFamily):
+class QwenImageFamily(FluxFamily):
     """`QwenImageTransformer2DModel`: double-stream [text; image] blocks on FLUX.1's 2x2-packed grid."""
 
     name = "qwenimage"
@@ -167,8 +168,6 @@ class QwenImageFamily(SeparateGuidance, FluxFamily):
     def step_input(self, args, kwargs):
         names = ("hidden_states", "encoder_hidden_states", "encoder_hidden_states_mask", "timestep", "img_shapes")
         given = dict(zip(names, args), **kwargs)
-        if self.unconditional_call(given["hidden_states"], given.get("timestep")):
-            return None
         shapes = given.get("img_shapes")
         if shapes:  # per image: [(frames, h, w), ...], the generated image first
             first = shapes[0][0] if isinstance(shapes[0], list) else shapes[0]

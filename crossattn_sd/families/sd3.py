@@ -11,6 +11,12 @@ computed exactly as Diffusers' `JointAttnProcessor2_0` computes it.
 The last block has `context_pre_only=True` (no text output): it is recorded too. SD3.5's dual-attention blocks
 have a second, image-only attention `attn2` that sees no text: it keeps its processor.
 
+A layer whose processor is neither of Diffusers' joint defaults (an IP-Adapter's) keeps it under exact capture,
+unrecorded (`Family.keeps`).
+
+Skip-layer guidance (`skip_guidance_layers`) runs an extra transformer call per step on the conditional prompt
+with some blocks skipped: that call runs Diffusers' own processors and is not recorded.
+
 Text positions: CLIP's `tokenizer_max_length` positions (the two CLIP encoders joined per position), then T5's
 `max_sequence_length` positions (zeros when the pipeline has no T5).
 """
@@ -22,7 +28,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .base import Family, Recorder, Steering, check_mode
+from .base import Family, Recorder, Steering, check_mode, joint_steer, weights_kwarg
 
 
 class JointCaptureProcessor(Recorder):
@@ -109,7 +115,7 @@ class JointCaptureProcessor(Recorder):
             hidden_states = hidden_states.to(query.dtype)
             if encoder_hidden_states is not None:
                 self.store.record_attention(self.layer, query[rec, :, :num_image], key[rec], None,
-                                            1 / math.sqrt(head_dim), columns=text, **_weights_kwarg(steering))
+                                            1 / math.sqrt(head_dim), columns=text, **weights_kwarg(steering))
         else:
             hidden_states = self._explicit(query, key, value, num_image, rec, encoder_hidden_states is not None)
             hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
@@ -141,41 +147,11 @@ class JointCaptureProcessor(Recorder):
         if has_text:
             probs = probs.reshape(batch_size * heads, *probs.shape[2:])  # (B * heads, N, N)
             if self.steering is not None:
-                probs = joint_steer(probs, self.steering, rec, heads, num_image, self.store)
+                probs = joint_steer(probs, self.steering, rec, heads, slice(0, num_image), slice(num_image, None),
+                                    self.store)
             self.store.record(self.layer, probs[rec.start * heads: rec.stop * heads, :num_image, num_image:], heads)
             probs = probs.view(batch_size, heads, *probs.shape[1:])
         return torch.matmul(probs, value)
-
-
-def joint_steer(probs: torch.Tensor, steering: Steering, rec: slice, heads: int, num_image: int, store):
-    """Steer joint probabilities (B * heads, N, N) whose keys are [image; text].
-
-    Reweight scales the text columns for every query of the recorded images, image and text alike (rows not
-    renormalised, as in prompt-to-prompt): exactly what scaling the text values does, so both modes agree. An
-    edit takes the source's image->text probabilities into the edit's image rows; the edit's own image->image
-    probabilities are scaled to fill the rest of each row (1 - the source's text share), so rows still sum
-    to 1, the edit keeps its own layout of attention among image tokens, and identical prompts reproduce the
-    plain image (the factor is then exactly 1). The text queries' rows are not injected.
-    """
-    if steering.token_weights is not None:
-        probs = probs.clone()
-        probs[:, :, num_image:] = steering.reweight(probs[:, :, num_image:], rec, heads)
-    if steering.injecting(store):
-        image_text = probs[:, :num_image, num_image:]
-        steered = steering.inject(image_text, rec, heads, store)
-        edit_rows = slice((rec.start + 1) * heads, (rec.start + 2) * heads)
-        own = image_text[edit_rows].sum(-1, keepdim=True)
-        taken = steered[edit_rows].sum(-1, keepdim=True)
-        probs = probs.clone()
-        probs[edit_rows, :num_image, :num_image] *= (1 - taken) / (1 - own).clamp_min(torch.finfo(probs.dtype).tiny)
-        probs[:, :num_image, num_image:] = steered
-    return probs
-
-
-def _weights_kwarg(steering: Steering | None) -> dict:
-    if steering is None or steering.token_weights is None:
-        return {}
-    return {"token_weights": steering.token_weights}
 
 
 class SD3Family(Family):
@@ -208,7 +184,20 @@ class SD3Family(Family):
         timestep = args[3] if len(args) > 3 else kwargs.get("timestep")
         return tuple(hidden_states.shape[-2:]), timestep
 
+    def recorded_call(self, args, kwargs):
+        """Skip-layer guidance's extra call (`skip_layers`: the conditional prompt with some blocks skipped) is
+        not recorded: the maps come from the [unconditional, conditional] call of each step."""
+        skip_layers = args[7] if len(args) > 7 else kwargs.get("skip_layers")
+        return not skip_layers
+
+    def default_processors(self):
+        from diffusers.models.attention_processor import FusedJointAttnProcessor2_0, JointAttnProcessor2_0
+
+        return (JointAttnProcessor2_0, FusedJointAttnProcessor2_0)  # ours computes both (unfused projections)
+
     def processor(self, store, layer, mode="exact", original=None, steering=None):
+        if self.keeps(layer, original, mode, steering):  # an IP-Adapter's: kept, unrecorded
+            return original
         return JointCaptureProcessor(store, layer, mode, steering)
 
     # -- text ----------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ import math
 
 import torch
 
-from .base import Family, Recorder, Steering, additive_mask, check_mode
+from .base import Family, Recorder, Steering, as_additive, check_mode
 
 SEQ_MULTI_OF = 32  # the transformer pads the image and the caption to a multiple of this (`transformer_z_image`)
 
@@ -119,7 +119,7 @@ class ZImageCaptureProcessor(Recorder):
         # Reshape back
         hidden_states = hidden_states.flatten(2, 3)
         hidden_states = hidden_states.to(dtype)
-        mask = None if attention_mask is None else additive_mask(attention_mask[rec], dtype)
+        mask = None if attention_mask is None else as_additive(attention_mask[rec], dtype)
         kwargs = {} if self.steering is None or self.steering.token_weights is None else {
             "token_weights": self.steering.token_weights}
         self.store.record_attention(self.layer, query[rec, :family.num_image].transpose(1, 2),
