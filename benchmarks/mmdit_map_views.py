@@ -96,7 +96,7 @@ def split_items(split: str, n: int):
     return out
 
 
-def record(split: str, n: int, out_dir: Path, threads: int) -> None:
+def record(split: str, n: int, out_dir: Path, threads: int, model: str = "tiny-mmdit") -> None:
     from crossattn_sd.config import get_preset
     from crossattn_sd.families import family_of
     from crossattn_sd.pipeline import load_pipeline
@@ -104,7 +104,7 @@ def record(split: str, n: int, out_dir: Path, threads: int) -> None:
 
     torch.set_num_threads(threads)
     preset = get_preset("tiny-mmdit")
-    pipe = load_pipeline("tiny-mmdit", device="cpu")
+    pipe = load_pipeline(model, device="cpu")  # the preset, or a training export (called with the preset's settings)
     family = family_of(pipe)
     layers = family.layers()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -231,13 +231,14 @@ def main(argv=None) -> int:
     rec.add_argument("--n", type=int, default=48, help="number of captions")
     rec.add_argument("--out", type=Path, required=True, help="folder for one .npz per caption (reruns skip done)")
     rec.add_argument("--threads", type=int, default=1, help="torch threads")
+    rec.add_argument("--model", default="tiny-mmdit", help="the preset or a training export folder")
     sc = sub.add_parser("score", help="IoU of every view over a recorded folder")
     sc.add_argument("folder", type=Path, help="a folder written by `record`")
     sc.add_argument("--views", nargs="*", default=None, help="view names to score (default: all)")
     sc.add_argument("--json", type=Path, default=None, help="also write the scores here")
     args = p.parse_args(argv)
     if args.command == "record":
-        record(args.split, args.n, args.out, args.threads)
+        record(args.split, args.n, args.out, args.threads, args.model)
         return 0
     views = all_views()
     if args.views:
