@@ -9,10 +9,12 @@ own computation of every word's (H, W) heat map, with maps accumulated over all 
   ours-capture   `with crossattn_sd.capture(pipe) as store: pipe(...)`, then `GenerationResult.word_maps()`
   ours-generate  `crossattn_sd.generate(pipe, ...)` (validation, step callback), then `result.word_maps()`
   daam           `with daam.trace(pipe) as tc: pipe(...)`, then `tc.compute_global_heat_map(factors=...)` and
-                 `compute_word_heat_map(word).expand_as(image)` per word                    (daam==0.2.0)
+                 `compute_word_heat_map(word).expand_as(image)` per word      (daam==0.2.0; UNet models only)
   amd            `with AttentionCapture(pipe, timesteps="all") as cap: pipe(...)`, then `cap.compute()`, the
                  library's own all-layers/all-steps aggregate, and per-word token sums  (attention-map-diffusers)
 
+`--model tiny-mmdit` (or any preset) benchmarks that model: for the joint-attention (SD3) one, the maps are the
+image->text block of every joint layer, and the call passes the preset's `max_sequence_length`.
 DAAM and attention-map-diffusers are timed only when importable (see benchmarks/README.md for a venv that has
 them); otherwise their rows say "not installed". Variants run interleaved: every round times each variant once,
 in an order rotated by one each round (A B C, B C A, C A B, ...), after one untimed warm-up round. Reported per
@@ -52,8 +54,12 @@ def load_model(model: str):
     from crossattn_sd.config import EMBEDDED_MODEL_DIR, EMBEDDED_PRESET, GenerationDefaults
     from crossattn_sd.pipeline import load_pipeline
 
+    from crossattn_sd.config import load_presets
+
     if model == "sd15-random":
         return sd15_random_pipeline()
+    if model in load_presets():
+        return load_pipeline(model, device="cpu")
     if model == "auto":
         if (EMBEDDED_MODEL_DIR / "model_index.json").is_file():
             model = "embedded"
@@ -69,7 +75,7 @@ def load_model(model: str):
         else:
             sys.exit("no embedded model and no runs/tiny/pipeline; pass --model PATH (a Diffusers folder)")
     pipe = load_pipeline(model, device="cpu")
-    if model != "embedded" and (Path(model) / "unet").is_dir() and _is_tiny(pipe):
+    if model != "embedded" and (Path(model) / "unet").is_dir() and _is_tiny(pipe):  # a training export
         pipe.crossattn_defaults = GenerationDefaults.from_preset(EMBEDDED_PRESET)
     return pipe
 
@@ -127,11 +133,9 @@ class Clock:
         return self
 
 
-def distinct_words(pipe, prompt: str) -> list[str]:
-    from crossattn_sd.tokens import align_prompt
-
+def distinct_words(alignment) -> list[str]:
     out = []
-    for w in align_prompt(pipe.tokenizer, prompt).word_texts:
+    for w in alignment.word_texts:
         if w.lower() not in out:
             out.append(w.lower())
     return out
@@ -145,12 +149,13 @@ def run_vanilla(pipe, call):
 
 def run_ours_capture(pipe, call):
     from crossattn_sd import GenerationResult, capture
-    from crossattn_sd.tokens import align_prompt
+    from crossattn_sd.families import family_of
 
     clock = Clock()
     with capture(pipe, mode="exact") as store:
         image = pipe(**call.kwargs()).images[0]
-    result = GenerationResult(images=[image], alignments=[align_prompt(pipe.tokenizer, call.prompt)], store=store)
+    alignment = family_of(pipe).text_positions(pipe, call.prompt, None, call.max_sequence_length)
+    result = GenerationResult(images=[image], alignments=[alignment], store=store)
     maps = result.word_maps()
     return clock.stop(), maps, image
 
@@ -224,19 +229,22 @@ LABELS = {
 class Call:
     """The one pipeline call every variant makes."""
 
-    def __init__(self, pipe, prompt, seed, steps, guidance, height, width):
-        from crossattn_sd.tokens import align_prompt
+    def __init__(self, pipe, prompt, seed, steps, guidance, height, width, max_sequence_length=None):
+        from crossattn_sd.families import family_of
 
         self.prompt, self.seed, self.steps, self.guidance = prompt, seed, steps, guidance
-        self.height, self.width = height, width
-        alignment = align_prompt(pipe.tokenizer, prompt)
-        self.words = distinct_words(pipe, prompt)
+        self.height, self.width, self.max_sequence_length = height, width, max_sequence_length
+        family = family_of(pipe)
+        # The text positions of the whole sequence the denoiser sees (for SD3: CLIP's, then T5's or zeros).
+        alignment = family.text_positions(pipe, prompt, None, max_sequence_length)
+        self.words = distinct_words(alignment)
         self.token_indices = {w: alignment.indices_of(w) for w in self.words}
+        self.extra = family.pipeline_kwargs(pipe, max_sequence_length)  # e.g. SD3's max_sequence_length
 
     def kwargs(self):
         return dict(prompt=self.prompt, num_inference_steps=self.steps, guidance_scale=self.guidance,
                     height=self.height, width=self.width,
-                    generator=torch.Generator(device="cpu").manual_seed(self.seed))
+                    generator=torch.Generator(device="cpu").manual_seed(self.seed), **self.extra)
 
 
 def check_maps(name, maps, call) -> None:
@@ -267,8 +275,9 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--model", default="auto",
-                        help="'auto' (the embedded model, else a copy of runs/tiny/pipeline), 'embedded', "
-                             "'sd15-random' (random weights, SD 1.5 shapes; 128 px, 3 steps) or a Diffusers folder")
+                        help="'auto' (the embedded model, else a copy of runs/tiny/pipeline), 'embedded', a preset "
+                             "('tiny-mmdit'), 'sd15-random' (random weights, SD 1.5 shapes; 128 px, 3 steps) or a "
+                             "Diffusers folder")
     parser.add_argument("--repeats", type=int, default=30, help="timed rounds (each times every variant once)")
     parser.add_argument("--steps", type=int, default=None, help="denoising steps; None: the model's preset")
     parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="the prompt; every distinct word gets a map")
@@ -285,12 +294,16 @@ def main(argv=None):
 
     diffusers_logging.set_verbosity_error()
 
+    from crossattn_sd.families import family_of
+
     pipe = load_model(args.model)
     pipe.set_progress_bar_config(disable=True)
     defaults = pipe.crossattn_defaults
-    size = args.size or defaults.height or int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+    family = family_of(pipe)
+    size = args.size or defaults.height or family.native_latent_size() * int(pipe.vae_scale_factor)
     call = Call(pipe, args.prompt, args.seed, args.steps or defaults.steps,
-                defaults.guidance if args.guidance is None else args.guidance, size, size)
+                defaults.guidance if args.guidance is None else args.guidance, size, size,
+                defaults.max_sequence_length)
 
     chosen = [v for v in args.variants.split(",") if v]
     unknown = [v for v in chosen if v not in VARIANTS]
@@ -300,6 +313,9 @@ def main(argv=None):
     runnable = []
     for name in chosen:
         module = VARIANTS[name][1]
+        if name == "daam" and family.name != "unet":
+            missing[name] = "not applicable (DAAM hooks UNets only)"
+            continue
         if module is None:
             runnable.append(name)
             continue
@@ -310,7 +326,7 @@ def main(argv=None):
             missing[name] = f"not installed ({type(err).__name__})"
 
     print(f"model: {getattr(pipe, 'crossattn_source', args.model)} ({type(pipe).__name__}, "
-          f"{len([k for k in pipe.unet.attn_processors if k.endswith('attn2.processor')])} cross-attention layers), "
+          f"{len(family.layers())} {family.layer_kind} layers), "
           f"{call.height}x{call.width} px, latent {call.height // pipe.vae_scale_factor}x"
           f"{call.width // pipe.vae_scale_factor}, {call.steps} steps, guidance {call.guidance}, "
           f"seed {call.seed}, torch threads {torch.get_num_threads()}")

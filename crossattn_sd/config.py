@@ -14,7 +14,7 @@ EMBEDDED_MODEL_DIR = PACKAGE_DIR / "tiny" / "weights"
 CONFIG_DIR = PACKAGE_DIR / "configs"  # package data: a wheel installs it with the code
 EMBEDDED = "embedded"
 PACKAGE_SOURCE = "package:"  # a preset source "package:tiny/weights-mmdit" is that folder of the installed package
-MAP_LAYERS = ("all", "finest")  # ModelPreset.map_layers
+MAP_LAYERS = ("all", "finest", "last")  # ModelPreset.map_layers
 PRESET_FAMILIES = ("sd", "sdxl", "sd3", "flux", "flux2", "chroma", "sana", "qwenimage",
                    "zimage")  # ModelPreset.family
 
@@ -34,8 +34,11 @@ class ModelPreset:
         max_side: the largest height or width the UI offers (the model's training size bounds it).
         scheduler: default scheduler name (see `pipeline.SCHEDULERS`); None keeps the model's own.
         map_layers: which layers a heat map averages when none are asked for: "all" (every cross-attention
-            layer, as DAAM does), or "finest" (only the layers with the largest maps; chosen for a model where
-            they were measured to localise words best, as for the embedded one).
+            layer, as DAAM does), "finest" (only the layers with the largest maps; chosen for a model where
+            they were measured to localise words best, as for the embedded one), or "last" (the last
+            text-attention layer in forward order; tiny-mmdit's, measured likewise).
+        map_head: the one attention head of those layers a heat map shows when none is asked for (None: the
+            mean of the heads); a preset that sets it keeps per-head maps in every generation.
         max_sequence_length: for SD3 pipelines, the `max_sequence_length` to call them with (the number of T5
             tokens; a model without T5 gets that many zero tokens); None: the pipeline's default.
         examples: example prompts shown in the UI.
@@ -57,6 +60,7 @@ class ModelPreset:
     max_side: int = 1024
     scheduler: str | None = None
     map_layers: str = "all"
+    map_head: int | None = None
     max_sequence_length: int | None = None
     examples: tuple[str, ...] = ()
     description: str = ""
@@ -78,6 +82,9 @@ class ModelPreset:
         if self.map_layers not in MAP_LAYERS:
             raise ValueError(f"preset {self.name!r}: map_layers must be one of {', '.join(MAP_LAYERS)}, "
                              f"got {self.map_layers!r}")
+        if self.map_head is not None and (not isinstance(self.map_head, int) or self.map_head < 0):
+            raise ValueError(f"preset {self.name!r}: map_head must be a head index (0, 1, ...) or null, "
+                             f"got {self.map_head!r}")
 
 
 EMBEDDED_PRESET = ModelPreset(
@@ -128,8 +135,9 @@ class GenerationDefaults:
     map_layers: str = "all"  # see ModelPreset
     vocabulary: tuple[str, ...] = field(default_factory=tuple)  # see ModelPreset
     max_sequence_length: int | None = None  # see ModelPreset
+    map_head: int | None = None  # see ModelPreset
 
     @classmethod
     def from_preset(cls, preset: ModelPreset) -> "GenerationDefaults":
         return cls(preset.steps, preset.guidance, preset.height, preset.width, preset.examples, preset.map_layers,
-                   preset.vocabulary, preset.max_sequence_length)
+                   preset.vocabulary, preset.max_sequence_length, preset.map_head)

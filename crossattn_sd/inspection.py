@@ -40,7 +40,7 @@ NO_MAPS = ("this result has no attention maps: the default processor records non
 class MapFilters:
     """Which recorded maps a view averages, and how it is drawn."""
 
-    # layers and resolutions both None: the model's default view (`GenerationResult.default_resolutions`)
+    # layers and resolutions both None: the model's default view (`GenerationResult.default_layers`)
     layers: tuple[str, ...] | None = None  # layer names or glob patterns ("*": every layer)
     resolutions: tuple[str, ...] | None = None  # "16x16" (exact) or "16" (longer side); None: no filter
     step_from: int = 0  # first denoising step (0-based) ...
@@ -118,6 +118,8 @@ class MapChoices:
     has_steps: bool
     heads: int  # heads every layer has (0: per-head maps not kept)
     layer_resolutions: dict[str, str] = dataclasses.field(default_factory=dict)  # layer name -> "16x16"
+    view_layers: list[str] | None = None  # the default view's layers when they are not whole resolutions ("last")
+    default_head: int | None = None  # the head the default view shows (`GenerationResult.default_head`)
 
     def layers_at(self, resolutions: Sequence[str]) -> list[str]:
         """The layers whose maps have one of these sizes ("16x16"), in the store's order: what ticking
@@ -131,7 +133,7 @@ class MapChoices:
     @property
     def default_layers(self) -> list[str]:
         """The layers of the model's default view."""
-        return self.layers_at(self.default_resolutions)
+        return list(self.view_layers) if self.view_layers is not None else self.layers_at(self.default_resolutions)
 
 
 @dataclass
@@ -208,12 +210,19 @@ class MapInspector:
         heads = [store.num_heads(l) for l in store.layers]
         labels = lambda sizes: [f"{h}x{w}" for h, w in sizes]  # noqa: E731
         resolutions = labels(store.resolutions())
+        layer_resolutions = {l: labels([store.layer_shape(l)])[0] for l in store.layers}
+        view_layers, default_resolutions = None, labels(entry.result.default_resolutions() or store.resolutions())
+        if entry.result.settings.get("map_layers") == "last":  # a layer, not a whole resolution: tick it alone
+            view_layers = entry.result.default_layers() or []
+            default_resolutions = [r for r in resolutions if all(l in view_layers for l, lr in
+                                                                 layer_resolutions.items() if lr == r)]
+        heads_kept = min(heads) if heads and None not in heads else 0
+        head = entry.result.default_head()
         return MapChoices(
             words=words, default_word=default, layers=layers, resolutions=resolutions,
-            default_resolutions=labels(entry.result.default_resolutions() or store.resolutions()),
-            num_steps=store.num_steps,
-            has_steps=store.has_steps, heads=min(heads) if heads and None not in heads else 0,
-            layer_resolutions={l: labels([store.layer_shape(l)])[0] for l in store.layers})
+            default_resolutions=default_resolutions, num_steps=store.num_steps,
+            has_steps=store.has_steps, heads=heads_kept, layer_resolutions=layer_resolutions,
+            view_layers=view_layers, default_head=head if head is not None and head < heads_kept else None)
 
     @staticmethod
     def filters(layers: Sequence[str] | str | None = None, resolutions: Sequence[str] | str | None = None,
@@ -221,7 +230,7 @@ class MapInspector:
                 alpha: float = 0.5, cmap: str = DEFAULT_CMAP) -> MapFilters:
         """Build `MapFilters` from UI or API values: lists or comma-separated text. Layers "*" or "all" means
         every layer; with layers and resolutions both None or "", the map is the model's default view
-        (`GenerationResult.default_resolutions`). Head "mean" or -1 means the mean of the heads; step_to -1 means
+        (`GenerationResult.default_layers`). Head "mean" or -1 means the mean of the heads; step_to -1 means
         the last step."""
         def as_tuple(v, every=None):
             if v is None or (isinstance(v, str) and v.strip() == ""):
@@ -270,9 +279,11 @@ class MapInspector:
         store = entry.result.store
         kw = cls._heatmap_kwargs(entry, filters)
         resolutions = kw["resolutions"]
-        if kw["layers"] is None and resolutions is None:
-            resolutions = entry.result.default_resolutions()
-        names = store.select_layers(kw["layers"], resolutions)
+        layers, head = kw["layers"], filters.head
+        if layers is None and resolutions is None:  # the model's default view (`GenerationResult._heatmaps`)
+            layers = entry.result.default_layers()
+            head = entry.result.default_head() if head is None and "steps" not in kw else head
+        names = store.select_layers(layers, resolutions)
         sizes = ", ".join(f"{h}x{w}" for h, w in store.resolutions() if any(store.layer_shape(n) == (h, w)
                                                                            for n in names))
         n = store.num_steps
@@ -280,8 +291,8 @@ class MapInspector:
         steps = (f"step {picked[0] + 1} of {n}" if len(picked) == 1 else
                  f"steps {picked[0] + 1}–{picked[-1] + 1} of {n}")
         heads = [store.num_heads(l) for l in names]
-        if filters.head is not None:
-            head = f"head {filters.head}"
+        if head is not None:
+            head = f"head {head}"
         elif heads and None not in heads and len(set(heads)) == 1:
             head = f"mean of {heads[0]} heads"
         else:

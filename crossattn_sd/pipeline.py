@@ -245,6 +245,7 @@ def generate(
     max_step_bytes: int = DEFAULT_MAX_STEP_BYTES,
     processor=None,
     map_layers: str | None = None,
+    map_head: int | None = None,
     text_part: str | None = None,
     max_sequence_length: int | None = None,
     progress: Callable[[int, int], None] | None = None,
@@ -267,12 +268,14 @@ def generate(
         scheduler (`str`, *optional*): one of `SCHEDULERS`; default keeps the pipeline's own.
         layers (`str` or list): the cross-attention layers to record: glob patterns of layer names
             ("up_blocks.*") or map resolutions ("16": longer side 16; "16x12": exact size).
-        keep_heads (`bool`): also keep per-head maps.
+        keep_heads (`bool`): also keep per-head maps (always kept when the default map view picks a head).
         max_step_bytes (`int`): memory budget for per-step maps.
         processor (`ProcessorSpec`, *optional*): a steering processor (see `steering.py`); default: capture.
             The edit processor returns two images, [source, edit], for one source prompt.
-        map_layers (`str`, *optional*): the result's default map view, "all" (every layer) or "finest" (the
-            largest map size); default from the model's preset.
+        map_layers (`str`, *optional*): the result's default map view, "all" (every layer), "finest" (the
+            largest map size) or "last" (the last layer); default from the model's preset.
+        map_head (`int`, *optional*): the head the default map view shows (None: the mean of the heads); default
+            from the model's preset (tiny-mmdit: head 2 of its last joint block).
         text_part (`str`, *optional*): which encoder's text positions the words index where a model has
             several in one sequence (SD3: "t5" when the pipeline has T5, else "clip"); default the first.
         max_sequence_length (`int`, *optional*): SD3's T5 length; default the preset's, else the pipeline's (256).
@@ -298,6 +301,8 @@ def generate(
     map_layers = defaults.map_layers if map_layers is None else map_layers
     if map_layers not in MAP_LAYERS:
         raise ValueError(f"map_layers={map_layers!r} is not a map view; use one of {', '.join(MAP_LAYERS)}")
+    map_head = defaults.map_head if map_head is None else _check_int("map_head", map_head, 0, 1024)
+    keep_heads = keep_heads or map_head is not None  # the default view draws that head
     family = family_of(pipe)
     factor = int(getattr(pipe, "vae_scale_factor", 8))
     native = native_size(pipe)
@@ -382,7 +387,7 @@ def generate(
         num_images_per_prompt=num_images_per_prompt, scheduler=scheduler or "default",
         scheduler_class=type(new_scheduler or old_scheduler).__name__, layers=layers, keep_heads=keep_heads,
         processor=spec.to_dict(), model=getattr(pipe, "crossattn_source", None) or pipe.config.get("_name_or_path"),
-        map_layers=map_layers, family=family.name, text_part=text_part, text_parts=parts,
+        map_layers=map_layers, map_head=map_head, family=family.name, text_part=text_part, text_parts=parts,
         **family.pipeline_kwargs(pipe, max_sequence_length),
     )
     return GenerationResult(images=images, alignments=alignments, store=store, settings=settings)

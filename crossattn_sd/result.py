@@ -81,9 +81,10 @@ class GenerationResult:
             resolutions (list, *optional*): map sizes to use; an int matches a layer whose longer side is it,
                 a (h, w) pair matches exactly.
             layers (`str` or list, *optional*): glob patterns over layer names, e.g. "up_blocks.*"; "*" is every
-                layer. With neither `layers` nor `resolutions`, the model's default view (`default_resolutions`).
+                layer. With neither `layers` nor `resolutions`, the model's default view (`default_layers`).
             occurrence (`int`, *optional*): for a word used several times, pick one (0-based); default sums all.
-            head (`int`, *optional*): one attention head (needs `keep_heads=True`); default: mean of heads.
+            head (`int`, *optional*): one attention head (needs `keep_heads=True`); default: mean of heads, or
+                in the model's default view (no layers, resolutions or steps given) its head (`default_head`).
             normalize_by (`str`): "minmax" (default), "max", or "none" (raw summed probabilities).
 
         Raises:
@@ -101,6 +102,21 @@ class GenerationResult:
         if self.settings.get("map_layers", "all") != "finest" or not sizes:
             return None
         return sizes[:1]
+
+    def default_layers(self) -> list[str] | None:
+        """The layers a heat map uses when no layer or resolution is asked for (None: every layer): the model's
+        preset says `map_layers`: "all", "finest" (the layers of `default_resolutions`) or "last" (the last
+        recorded layer in forward order: tiny-mmdit's last joint block)."""
+        view = self.settings.get("map_layers", "all")
+        if view == "last" and self.store.layers:
+            return self.store.layers[-1:]
+        sizes = self.default_resolutions()
+        return None if sizes is None else self.store.select_layers(resolutions=sizes)
+
+    def default_head(self) -> int | None:
+        """The head the default view shows (the preset's `map_head`; tiny-mmdit: 2), or None for the mean."""
+        head = self.settings.get("map_head")
+        return None if head is None else int(head)
 
     def word_maps(self, image_index: int = 0, **filters) -> dict[str, np.ndarray]:
         """Every distinct word's heat map for one image (repeated words sum their occurrences).
@@ -123,7 +139,9 @@ class GenerationResult:
         alignment = self.alignments[image_index]
         groups = [alignment.indices_of(word, occurrence) for word in words]
         if layers is None and resolutions is None:
-            resolutions = self.default_resolutions()
+            layers = self.default_layers()
+            if head is None and steps is None:  # per-step maps are head-averaged: a step range takes the mean
+                head = self.default_head()
         maps = token_maps(self.store, groups, self.size, image_index=image_index, layers=layers,
                           resolutions=resolutions, steps=_steps_arg(steps), head=head)
         return [normalize(m, normalize_by).numpy().astype(np.float32) for m in maps]

@@ -304,7 +304,8 @@ class AttentionService(MapInspector):
                 self.pipe, req.prompt, negative_prompt=req.negative_prompt or None, seed=req.seed, steps=req.steps,
                 guidance_scale=req.guidance, height=req.height, width=req.width, mode=spec.mode,
                 per_step=req.per_step, scheduler=None if req.scheduler == "default" else req.scheduler,
-                keep_heads=True, processor=spec, map_layers=self.preset.map_layers, progress=progress, cancel=flag)
+                keep_heads=True, processor=spec, map_layers=self.preset.map_layers, map_head=self.preset.map_head,
+                progress=progress, cancel=flag)
             seconds = time.perf_counter() - start
         if flag.is_set():  # stopped after its last step: the caller was told it stopped; keep nothing
             raise GenerationCancelled("generation was cancelled")

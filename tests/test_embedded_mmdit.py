@@ -71,3 +71,24 @@ def test_generate_on_tiny_mmdit_is_the_plain_call_with_maps_and_the_ui_keeps_its
     assert result.settings["max_sequence_length"] == 0 and result.store.resolutions() == [(8, 8)]
     assert len(result.store.layers) == 4 and result.heatmap("circle").shape == (64, 64)
     assert AttentionService(get_preset("tiny-mmdit"), pipe=pipe).defaults().per_step
+
+
+def test_tiny_mmdit_default_view_is_head_2_of_its_last_joint_block_in_the_api_and_the_ui():
+    """The preset's measured default view (README): `heatmap`, `word_maps` and the UI's first ticks show head 2 of
+    transformer_blocks.3.attn; every block's mean of heads stays one filter away."""
+    from crossattn_sd.pipeline import generate
+    from crossattn_sd.service import AttentionService, GenerateRequest
+
+    torch.set_num_threads(1)
+    pipe = load_pipeline("tiny-mmdit", device="cpu")
+    result = generate(pipe, "a blue square on the left", seed=0, steps=2)
+    assert result.default_layers() == ["transformer_blocks.3.attn"] and result.default_head() == 2
+    np.testing.assert_array_equal(result.heatmap("blue"),
+                                  result.heatmap("blue", layers="transformer_blocks.3.attn", head=2))
+    assert np.abs(result.heatmap("blue") - result.heatmap("blue", layers="*")).max() > 1e-2
+    service = AttentionService(get_preset("tiny-mmdit"), pipe=pipe)
+    entry = service.generate(GenerateRequest("a blue square on the left", steps=2))
+    c = service.choices(entry)
+    assert c.default_layers == ["transformer_blocks.3.attn"] and c.default_head == 2 and c.default_resolutions == []
+    summary = service.drawn_from(entry, service.filters())
+    assert summary.startswith("1 of 4 layers (8x8)") and summary.endswith("head 2"), summary

@@ -88,6 +88,31 @@ def test_a_model_without_a_preset_defaults_to_every_layer(result):
     np.testing.assert_array_equal(finest.heatmap("red"), result.heatmap("red", resolutions=[(16, 24)]))
 
 
+def test_a_last_layer_and_one_head_default_view(result):
+    """`map_layers: last` with `map_head` (tiny-mmdit's preset): the default view is that head of the last recorded
+    layer; a step range takes the mean of the heads (per-step maps are head-averaged); filters still pick any view."""
+    last = GenerationResult(result.images, result.alignments, result.store,
+                            {**result.settings, "map_layers": "last", "map_head": 1})
+    assert last.default_layers() == result.store.layers[-1:] and last.default_head() == 1
+    np.testing.assert_array_equal(last.heatmap("red"), result.heatmap("red", layers=result.store.layers[-1:], head=1))
+    assert np.abs(last.heatmap("red") - result.heatmap("red", layers=result.store.layers[-1:])).max() > 1e-3
+    np.testing.assert_array_equal(last.word_maps()["red"], last.heatmap("red"))
+    np.testing.assert_array_equal(last.heatmap("red", steps=[0]),
+                                  result.heatmap("red", layers=result.store.layers[-1:], steps=[0]))
+    np.testing.assert_array_equal(last.heatmap("red", layers="*"), result.heatmap("red", layers="*"))
+
+
+def test_generate_keeps_heads_when_the_default_view_picks_one():
+    pipe = tiny_sd_pipeline()
+    plain = generate(pipe, "a red square", steps=1, height=H, width=W)
+    headed = generate(pipe, "a red square", steps=1, height=H, width=W, map_layers="last", map_head=0)
+    assert not plain.store.keep_heads and plain.settings["map_head"] is None
+    assert headed.store.keep_heads and (headed.settings["map_layers"], headed.settings["map_head"]) == ("last", 0)
+    np.testing.assert_array_equal(np.asarray(headed.images[0]), np.asarray(plain.images[0]))
+    with pytest.raises(ValueError, match="map_head"):
+        generate(pipe, "a red square", steps=1, map_head=-1)
+
+
 def test_generate_takes_the_default_view_as_an_argument():
     pipe = tiny_sd_pipeline()
     finest = generate(pipe, "a red square", steps=1, height=H, width=W, map_layers="finest")

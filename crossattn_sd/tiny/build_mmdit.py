@@ -36,19 +36,20 @@ SHIFT = 3.0
 TEXT_WIDTH = 128  # each CLIP encoder's hidden size; the transformer's joint_attention_dim is twice it
 
 
-def transformer_config(layers: int = 4, heads: int = 4, head_dim: int = 32) -> dict:
-    """SD3Transformer2DModel arguments; joint dim = heads x head_dim. pos_embed_max_size 16 covers 128 x 128
-    (a 16 x 16 patch grid); at 64 x 64 the centre 8 x 8 of the sin-cos table is used."""
-    return dict(sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=layers,
+def transformer_config(layers: int = 4, heads: int = 4, head_dim: int = 32, patch_size: int = 2) -> dict:
+    """SD3Transformer2DModel arguments; joint dim = heads x head_dim. pos_embed_max_size covers 128 x 128 (a 32 x 32
+    latent: 16 x 16 patches of 2, 32 x 32 of 1); at 64 x 64 the centre of the sin-cos table is used."""
+    return dict(sample_size=16, patch_size=patch_size, in_channels=4, out_channels=4, num_layers=layers,
                 attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=2 * TEXT_WIDTH,
                 caption_projection_dim=heads * head_dim, pooled_projection_dim=2 * TEXT_WIDTH,
-                pos_embed_max_size=16, qk_norm="rms_norm")
+                pos_embed_max_size=32 // patch_size, qk_norm="rms_norm")
 
 
 ARCHITECTURES = {  # --arch for `train-tiny --model mmdit`
     "4x128": transformer_config(4, 4, 32),
     "6x128": transformer_config(6, 4, 32),
     "8x96": transformer_config(8, 3, 32),
+    "4x128p1": transformer_config(4, 4, 32, patch_size=1),  # a 16 x 16 image-token grid at 64 x 64
     "2x64": transformer_config(2, 2, 32),  # smoke tests
 }
 

@@ -5,7 +5,8 @@ recognisable; per caption, are all objects right (and no stray colours); and (b)
 shape words, the IoU of the word's heat map thresholded at 0.4 x its maximum against the object's mask (its
 colour's pixels in its named half of the generated image), next to two baselines (a uniform map, a centred
 Gaussian) and a control (the same heat map against the *other* object's mask). The heat map is the model's
-default view (the tiny preset's `map_layers: finest`: its 16x16 layers at 64 x 64), as the app shows it first;
+default view, as the app shows it first (the tiny preset's `map_layers: finest`: its 16x16 layers at 64 x 64;
+tiny-mmdit's `map_layers: last` and `map_head: 2`: head 2 of its last joint block);
 unless `--resolutions` picks other layers, the IoU is also given for the map averaged over every layer, for the
 layers of each resolution alone, and by the object's place in the caption (first or second mentioned).
 
@@ -101,10 +102,14 @@ def view_name(result, resolutions) -> str:
         return "every layer"
     if resolutions is not None:
         return f"resolutions {resolutions}"
+    head = result.default_head()
+    head = "" if head is None else f", head {head}"
+    if result.settings.get("map_layers") == "last":
+        return ", ".join(result.default_layers()) + f"{head} (the model's default view)"
     default = result.default_resolutions()
     if default is None:
-        return "every layer"
-    return ", ".join(f"{h}x{w}" for h, w in default) + " layers (the model's default view)"
+        return f"every layer{head}"
+    return ", ".join(f"{h}x{w}" for h, w in default) + f" layers{head} (the model's default view)"
 
 
 def score(tally: Tally, result, kinds: list[tuple[str, str, str]], resolutions=None) -> None:
@@ -249,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's preset)")
     p.add_argument("--resolutions", default=None,
                    help="comma-separated map sizes to use for heat maps, e.g. '16,8', or 'all' for every layer "
-                        "(default: the model's default view, the 16x16 layers)")
+                        "(default: the model's default view: tiny's 16x16 layers, tiny-mmdit's last block's head 2)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--json", default=None, help="also write the summary to this JSON file")
     p.add_argument("--out", default=None, type=Path,
