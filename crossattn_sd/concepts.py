@@ -33,6 +33,7 @@ from .maps import MapStore
 
 MAX_CONCEPTS = 16  # each concept adds key columns to every recorded layer; more is a slip, not a question
 MAX_CONCEPT_CHARS = 64
+DEFAULT_TEMPLATE = "a {}"  # the text a concept is encoded in; "a {}" localises best (README: Concept maps)
 _ONE_WORD = re.compile(r"[^\W_]+(?:['\-][^\W_]+)*")  # tokens.py's word: letters/digits joined by ' or -
 
 
@@ -42,8 +43,8 @@ def check_concepts(concepts, vocabulary: Sequence[str] = ()) -> list[str]:
     closed-vocabulary model) a word the model never saw."""
     if concepts is None:
         return []
-    if isinstance(concepts, str):
-        concepts = [c for c in concepts.split(",")]  # "triangle, background" from a text field
+    if isinstance(concepts, str):  # "triangle, background" from a text field; blanks between commas are skipped
+        concepts = [c for c in concepts.split(",") if c.strip()]
     out: list[str] = []
     for c in concepts:
         if not isinstance(c, str):
@@ -73,16 +74,30 @@ def check_concepts(concepts, vocabulary: Sequence[str] = ()) -> list[str]:
     return out
 
 
-def concept_token_positions(tokenizer, concept: str) -> tuple[int, ...]:
-    """Positions of `concept`'s word tokens in its own padded encoding (start/end/padding left out); a one-line
-    ValueError when the tokenizer's length limit cuts the word."""
+def concept_text(concept: str, template: str = DEFAULT_TEMPLATE) -> str:
+    """The text a concept is encoded in: `template` with the concept at its "{}"."""
+    return template.replace("{}", concept, 1)
+
+
+def check_template(template: str) -> str:
+    if not isinstance(template, str) or template.count("{}") != 1:
+        raise ValueError(f"concept template {template!r} must hold one '{{}}' where the concept goes, e.g. 'a {{}}'")
+    return template
+
+
+def concept_token_positions(tokenizer, concept: str, template: str = DEFAULT_TEMPLATE) -> tuple[int, ...]:
+    """Positions of `concept`'s word tokens in the padded encoding of `concept_text(concept, template)` (the
+    template's words, start, end and padding left out); a one-line ValueError when the tokenizer's length limit
+    cuts the word."""
     from .tokens import align_prompt
 
-    alignment = align_prompt(tokenizer, concept)
-    if alignment.dropped_words or len(alignment.words) != 1:
+    start = template.index("{}")
+    alignment = align_prompt(tokenizer, concept_text(concept, template))
+    word = next((w for w in alignment.words if w.start == start and w.end == start + len(concept)), None)
+    if word is None:
         raise ValueError(f"concept {concept[:20]!r} is cut by the tokenizer's limit of "
                          f"{tokenizer.model_max_length} tokens; give a shorter word")
-    return alignment.words[0].token_indices
+    return word.token_indices
 
 
 @dataclass
@@ -105,19 +120,21 @@ class Concepts:
     states: torch.Tensor | None = field(default=None, repr=False)
     cache: dict = field(default_factory=dict, repr=False)
     default_kind: str | None = None
+    template: str = DEFAULT_TEMPLATE
 
     def __post_init__(self):
         if self.default_kind is None:
             self.default_kind = self.kinds[0]
 
     @classmethod
-    def like(cls, store: MapStore, names, token_groups, kinds, states=None, default_kind=None) -> "Concepts":
+    def like(cls, store: MapStore, names, token_groups, kinds, states=None, default_kind=None,
+             template: str = DEFAULT_TEMPLATE) -> "Concepts":
         """Concepts recorded with `store`'s settings (per-step maps, heads, budget, guidance halves)."""
         stores = {k: MapStore(per_step=store.per_step, keep_heads=store.keep_heads,
                               max_step_bytes=store.max_step_bytes, cfg=store.cfg, defer_bytes=store.defer_bytes,
                               chunk_bytes=store.chunk_bytes) for k in kinds}
         return cls(list(names), [tuple(g) for g in token_groups], tuple(kinds), stores, states,
-                   default_kind=default_kind)
+                   default_kind=default_kind, template=template)
 
     @property
     def num_tokens(self) -> int:
@@ -136,7 +153,8 @@ class Concepts:
 
     def select_images(self, images: slice) -> "Concepts":
         return Concepts(list(self.names), list(self.token_groups), self.kinds,
-                        {k: s.select_images(images) for k, s in self.stores.items()}, default_kind=self.default_kind)
+                        {k: s.select_images(images) for k, s in self.stores.items()}, default_kind=self.default_kind,
+                        template=self.template)
 
     # -- reading ---------------------------------------------------------------------------------------------
 
@@ -166,7 +184,7 @@ class Concepts:
 
     def meta(self) -> dict:
         return {"names": list(self.names), "token_groups": [list(g) for g in self.token_groups],
-                "kinds": list(self.kinds), "default_kind": self.default_kind}
+                "kinds": list(self.kinds), "default_kind": self.default_kind, "template": self.template}
 
     @classmethod
     def from_saved(cls, meta: dict, tensors: dict[str, torch.Tensor], **settings) -> "Concepts":
@@ -176,7 +194,7 @@ class Concepts:
             by_kind[kind][rest] = value
         stores = {k: MapStore.from_state_dict(t, **settings) for k, t in by_kind.items()}
         return cls(list(meta["names"]), [tuple(g) for g in meta["token_groups"]], tuple(meta["kinds"]), stores,
-                   default_kind=meta["default_kind"])
+                   default_kind=meta["default_kind"], template=str(meta.get("template", DEFAULT_TEMPLATE)))
 
 
 def attach(store: MapStore, concepts: Concepts) -> None:

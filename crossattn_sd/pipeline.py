@@ -221,6 +221,7 @@ def generate(
     max_sequence_length: int | None = None,
     concepts: Sequence[str] | None = None,
     concept_kind: str | None = None,
+    concept_template: str | None = None,
     progress: Callable[[int, int], None] | None = None,
     cancel: threading.Event | None = None,
 ) -> GenerationResult:
@@ -254,6 +255,8 @@ def generate(
             (`result.concepts`, `result.heatmap(concept)`); the images are bit-identical to the call without them.
         concept_kind (`str`, *optional*): the result's default concept map kind (UNet: "joint" or
             "concepts-only"; SD3: "output" or "attention"); default the family's (see the README).
+        concept_template (`str`, *optional*): the text each concept is encoded in, "{}" standing for it (only the
+            concept's own tokens are kept); default `concepts.DEFAULT_TEMPLATE`.
         progress (callable, *optional*): called as `progress(step, total)` after each denoising step.
         cancel (`threading.Event`, *optional*): set it to stop; `GenerationCancelled` is raised.
 
@@ -342,7 +345,7 @@ def generate(
                            max_step_bytes=max_step_bytes, layers=layers,
                            num_images_per_prompt=num_images_per_prompt,
                            latent_size=(height // factor, width // factor), alignment=align, concepts=concepts,
-                           concept_kind=concept_kind) as store:
+                           concept_kind=concept_kind, concept_template=concept_template) as store:
             out = pipe(
                 prompt=call_prompts, **_negative(pipe, call_negative), num_inference_steps=steps,
                 guidance_scale=guidance_scale, height=height, width=width,
@@ -364,6 +367,7 @@ def generate(
         processor=spec.to_dict(), model=getattr(pipe, "crossattn_source", None) or pipe.config.get("_name_or_path"),
         map_layers=map_layers, family=family.name, text_part=text_part, text_parts=parts, concepts=concepts,
         concept_kind=None if store.concepts is None else store.concepts.default_kind,
+        concept_template=None if store.concepts is None else store.concepts.template,
         **family.pipeline_kwargs(pipe, max_sequence_length),
     )
     return GenerationResult(images=images, alignments=alignments, store=store, settings=settings)

@@ -324,6 +324,8 @@ def _check_meta(meta) -> None:
         for j, g in enumerate(groups):
             for k, t in enumerate(_expect(g, list, f"concepts.token_groups[{j}]")):
                 _expect(t, int, f"concepts.token_groups[{j}][{k}]")
+        if concepts.get("template") is not None:
+            _expect(concepts["template"], str, "concepts.template")
         if not names or len(groups) != len(names) or not kinds or concepts.get("default_kind") not in kinds:
             raise _Bad("concepts has no names, a token group per name, kinds and a default kind among them")
     sha = meta.get("sha256")

@@ -177,7 +177,7 @@ def use_processor(pipe, spec: ProcessorSpec, *, prompts: list[str], steps: int, 
                   keep_heads: bool = False, max_step_bytes: int = DEFAULT_MAX_STEP_BYTES, layers="*",
                   num_images_per_prompt: int = 1, latent_size=None,
                   alignment: Callable[[str], PromptTokens] | None = None, concepts: Sequence[str] | None = None,
-                  concept_kind: str | None = None) -> Iterator[MapStore]:
+                  concept_kind: str | None = None, concept_template: str | None = None) -> Iterator[MapStore]:
     """Install `spec`'s processor on `pipe` for one call; yields the call's `MapStore`.
 
     `latent_size` ((h, w) of the call's latents) resolves resolution selectors in the layers ("16", "16x12");
@@ -193,7 +193,7 @@ def use_processor(pipe, spec: ProcessorSpec, *, prompts: list[str], steps: int, 
     if spec.name == "capture":
         with capture(pipe, spec.mode, patterns, per_step=per_step, keep_heads=keep_heads,
                      max_step_bytes=max_step_bytes, latent_size=latent_size, concepts=concepts,
-                     concept_kind=concept_kind) as store:
+                     concept_kind=concept_kind, concept_template=concept_template) as store:
             yield store
         return
     family = family_of(pipe)
@@ -210,8 +210,8 @@ def use_processor(pipe, spec: ProcessorSpec, *, prompts: list[str], steps: int, 
         mapping = edit_token_map(align(prompts[0]), align(spec.edit_prompt))
         steering = Steering(token_map=mapping, inject_calls=round(float(spec.inject) * steps))
     factory = lambda s, layer, original: family.processor(s, layer, spec.mode, original, steering)  # noqa: E731
-    with concept_maps(pipe, family, store, concepts, concept_kind), install(family, store, factory, patterns,
-                                                                            latent_size):
+    with concept_maps(pipe, family, store, concepts, concept_kind, concept_template), \
+            install(family, store, factory, patterns, latent_size):
         yield store
 
 

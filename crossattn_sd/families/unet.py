@@ -246,28 +246,32 @@ class UNetFamily(Family):
         return unet_processor(store, layer, mode, original, steering)
 
     @contextmanager
-    def concept_recorder(self, pipe, store, names, kind=None):
+    def concept_recorder(self, pipe, store, names, kind=None, template=None):
         """Encode the concepts with the pipeline's own `encode_prompt` (SDXL: both encoders, joined per token, as
         the prompt is) and record them beside `store` in every recording processor (`record_concepts`)."""
-        from ..concepts import Concepts, attach, concept_token_positions
+        from ..concepts import (DEFAULT_TEMPLATE, Concepts, attach, check_template, concept_text,
+                                concept_token_positions)
 
         kind = CONCEPT_KINDS[0] if kind is None else kind
         if kind not in CONCEPT_KINDS:
             raise ValueError(f"concept map kind {kind!r} is not one of this model's: {', '.join(CONCEPT_KINDS)}")
-        positions = [concept_token_positions(pipe.tokenizer, c) for c in names]
+        template = check_template(DEFAULT_TEMPLATE if template is None else template)
+        positions = [concept_token_positions(pipe.tokenizer, c, template) for c in names]
         tokenizer_2 = getattr(pipe, "tokenizer_2", None)
         for c, p in zip(names, positions):
-            if tokenizer_2 is not None and concept_token_positions(tokenizer_2, c) != p:
+            if tokenizer_2 is not None and concept_token_positions(tokenizer_2, c, template) != p:
                 raise ValueError(f"the two tokenizers split concept {c!r} differently; give another word")
         with torch.no_grad():
-            embeds = pipe.encode_prompt(prompt=list(names), device=pipe._execution_device, num_images_per_prompt=1,
+            embeds = pipe.encode_prompt(prompt=[concept_text(c, template) for c in names],
+                                        device=pipe._execution_device, num_images_per_prompt=1,
                                         do_classifier_free_guidance=False)[0]  # (concepts, T, dim)
         states = torch.cat([embeds[i, list(p)] for i, p in enumerate(positions)])[None]  # (1, Tc, dim)
         groups, start = [], 0
         for p in positions:
             groups.append(tuple(range(start, start + len(p))))
             start += len(p)
-        attach(store, Concepts.like(store, names, groups, CONCEPT_KINDS, states, default_kind=kind))
+        attach(store, Concepts.like(store, names, groups, CONCEPT_KINDS, states, default_kind=kind,
+                                    template=template))
         yield store.concepts
 
     def text_positions(self, pipe, prompt, part=None, max_sequence_length=None):
