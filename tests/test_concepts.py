@@ -35,6 +35,8 @@ def test_concepts_leave_the_images_bit_identical(build, mode):
     with_concepts = crossattn_sd.generate(pipe, PROMPT, mode=mode, concepts=["green", "left", "cat"], per_step=True,
                                           **RUN)
     assert np.abs(pixels(plain) - pixels(with_concepts)).max() == 0
+    for layer in plain.store.layers:  # the prompt's maps too, bit for bit (a change too small to show in pixels)
+        torch.testing.assert_close(plain.store.sums[layer], with_concepts.store.sums[layer], rtol=0, atol=0)
     assert with_concepts.concepts == ["green", "left", "cat"]
     for kind in with_concepts.concept_kinds:  # every kind is recorded on every layer, with per-step maps
         store = with_concepts.store.concepts.stores[kind]
