@@ -40,6 +40,13 @@ def _add_run_options(p: argparse.ArgumentParser, *, device_default: str) -> None
     p.add_argument("--layers", default="*", help="cross-attention layers the processor goes on, comma-separated: "
                    "glob patterns of layer names ('up_blocks.*') or map resolutions ('16': longer side 16, '16x12')")
     p.add_argument("--per-step", action="store_true", help="also keep per-step maps (timelines, step ranges)")
+    p.add_argument("--concept", dest="concepts", action="append", default=None, metavar="WORD",
+                   help="also map this word, which need not be in the prompt (repeatable; one word each); the image "
+                   "is the same as without it")
+    p.add_argument("--concept-kind", default=None, choices=("joint", "concepts-only", "output", "attention"),
+                   help="the concept maps written as maps.npz and overlays: UNet joint (softmax over the prompt and "
+                   "the concepts) or concepts-only; SD3 output (ConceptAttention) or attention (default: the "
+                   "model's)")
     p.add_argument("--device", default=None, help=f"cuda, mps or cpu (default: {device_default})")
     p.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"),
                    help="model dtype (default: float16 on CUDA for real checkpoints, else float32)")
@@ -51,7 +58,7 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, type=Path, help="output folder (created if needed)")
     _add_run_options(p, device_default="best available")
     p.add_argument("--word", action="append", default=None, metavar="W",
-                   help="write overlays for this word only (repeatable); default: every word")
+                   help="write overlays for this word (or --concept) only (repeatable); default: every word")
     p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity, 0..1")
     p.add_argument("--cmap", default="jet", help="matplotlib colour map for overlays")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -60,7 +67,8 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
 def _add_batch_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompts", type=Path, help="prompt file: .txt (one prompt a line), .jsonl or .csv with columns "
                    "prompt, negative_prompt, seed, steps, guidance, height, width, scheduler, mode, processor, "
-                   "weights, edit_prompt, inject, layers, per_step (the options below are every row's defaults)")
+                   "weights, edit_prompt, inject, layers, per_step, concepts, concept_kind (the options below are "
+                   "every row's defaults)")
     p.add_argument("--out", required=True, type=Path, help="output folder: a bundle folder per row and index.jsonl "
                    "(a rerun into the same folder skips finished rows)")
     _add_run_options(p, device_default="this process's accelerate device")
@@ -175,6 +183,11 @@ def check_generation_args(args):
         raise ValueError(f"unknown --cmap {args.cmap!r}; use one of {', '.join(CMAPS)}")
     if args.scheduler not in SCHEDULERS:
         raise ValueError(f"unknown --scheduler {args.scheduler!r}; use one of {', '.join(SCHEDULERS)}")
+    from .concepts import check_concepts
+
+    check_concepts(args.concepts, _preset_vocabulary(args))  # an empty, repeated or unknown --concept
+    if args.concepts and args.processor == "default":
+        raise ValueError("--concept needs maps; the default processor records none (use --processor capture)")
     return _spec(args)  # the ProcessorSpec; refuses bad weights, a missing edit prompt, inject out of range
 
 
@@ -218,6 +231,13 @@ def write_outputs(result, out: Path, words=None, alpha: float = 0.5, cmap: str =
             path = out / (f"overlay-{safe_name(word)}.png" if i == 0 else f"overlay-{i}-{safe_name(word)}.png")
             blend(result.images[i], result.heatmap(word, image_index=i), alpha, cmap).save(path)
             paths.append(path)
+        for concept, m in result.concept_maps(i).items():  # the result's default concept kind
+            if words and concept.lower() not in (w.lower() for w in words):
+                continue
+            name = f"overlay-concept-{safe_name(concept)}.png"
+            path = out / (name if i == 0 else name.replace("overlay-", f"overlay-{i}-", 1))
+            blend(result.images[i], m, alpha, cmap).save(path)
+            paths.append(path)
     return paths
 
 
@@ -236,6 +256,14 @@ def _library_truncation_notes_off():
     finally:
         diffusers_logging.set_verbosity(saved[0])
         transformers_logging.set_verbosity(saved[1])
+
+
+def _preset_vocabulary(args) -> tuple[str, ...]:
+    """The closed vocabulary of the preset --model names (the embedded models'), else ()."""
+    from .config import EMBEDDED, load_presets
+
+    preset = load_presets().get(EMBEDDED_PRESET.name if args.model in (None, EMBEDDED) else args.model)
+    return preset.vocabulary if preset else ()
 
 
 def _vocabulary_note(args) -> None:
@@ -265,7 +293,9 @@ def _run_generate(args, spec, pipe=None):
             result = generate(pipe, args.prompt, negative_prompt=args.negative_prompt, seed=args.seed,
                               steps=args.steps, guidance_scale=args.guidance, height=args.height, width=args.width,
                               scheduler=None if args.scheduler == "default" else args.scheduler,
-                              per_step=args.per_step, processor=spec, progress=progress)
+                              per_step=args.per_step, processor=spec, progress=progress,
+                              concepts=args.concepts if spec.name != "default" else None,
+                              concept_kind=args.concept_kind)
     finally:
         if bar is not None:
             bar.close()
@@ -275,7 +305,7 @@ def _run_generate(args, spec, pipe=None):
 def cmd_generate(args) -> int:
     _, result = _run_generate(args, check_generation_args(args))
     for w in args.word or ():  # validate before writing anything (an edit's word may be in either prompt)
-        if not any(_has_word(a, w) for a in result.alignments):
+        if not any(_has_word(a, w) for a in result.alignments) and w.lower() not in map(str.lower, result.concepts):
             result.alignments[0].indices_of(w)  # raises ValueError naming the word and the prompt's words
     overlays = write_outputs(result, args.out, args.word, args.alpha, args.cmap)
     print(f"wrote {args.out}/image.png, maps.npz, meta.json, attention.safetensors and {len(overlays)} overlay(s)")
@@ -330,7 +360,9 @@ def cmd_serve(args) -> int:
 def cmd_batch(args) -> int:
     from .batch import COLUMNS, process_state, read_rows, run_batch, summary_text
 
-    rows = read_rows(args.prompts, {c: getattr(args, c) for c in COLUMNS if c != "prompt"})  # before any loading
+    defaults = {c: getattr(args, c) for c in COLUMNS if c != "prompt"}
+    defaults["concepts"] = ", ".join(args.concepts or ())  # every row's concepts (a row's column replaces them)
+    rows = read_rows(args.prompts, defaults)  # before any loading
     cpu = True if args.device == "cpu" else None
     state = process_state(cpu)  # first: accelerate may set the thread count of CPU processes
     if args.threads:

@@ -79,7 +79,7 @@ def test_an_opened_bundle_gives_back_the_settings_it_recorded(edit, service):
     assert service.recorded_settings(opened) == dict(
         prompt=PROMPT, negative_prompt="green", seed=7, steps=3, guidance=3.5, width=32, height=32,
         scheduler="default", mode="explicit", processor="edit", weights="", edit_prompt=EDIT, inject=0.5,
-        per_step=True, processor_layers="*")
+        per_step=True, processor_layers="*", concepts="")  # no concepts: the field is cleared
     reweighted = service.generate(GenerateRequest(PROMPT, processor="reweight", weights="square:2, red:0.5"))
     assert service.recorded_settings(reweighted)["weights"] == "square:2, red:0.5"
     # A result from elsewhere (another model, an edited bundle): what this server does not offer is left out.
