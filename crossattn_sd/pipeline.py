@@ -20,10 +20,10 @@ import torch
 from .config import (EMBEDDED, EMBEDDED_MODEL_DIR, EMBEDDED_PRESET, MAP_LAYERS, PACKAGE_DIR, PACKAGE_SOURCE,
                      GenerationDefaults, load_presets)
 from .families import family_of
-from .maps import DEFAULT_MAX_STEP_BYTES
+from .maps import DEFAULT_MAX_STEP_BYTES, PER_STEP_BY
 from .processors import MODES
 from .result import GenerationResult
-from .tokens import VocabularyWarning, align_prompt, misaligned_words, vocabulary_note
+from .tokens import VocabularyWarning, align_prompt, misaligned_words, prompt_columns, vocabulary_note
 
 # Scheduler names offered by the CLI and UI -> Diffusers class name (created from the model's own config).
 SCHEDULERS = {
@@ -35,6 +35,10 @@ SCHEDULERS = {
     "unipc": "UniPCMultistepScheduler",
     "pndm": "PNDMScheduler",
 }
+
+
+PER_STEP_TOKENS = ("prompt", "all")  # generate's per_step_tokens: the prompts' own token columns, or all
+PER_STEP_DTYPES = ("float32", "float16", "bfloat16")
 
 
 class GenerationCancelled(RuntimeError):
@@ -214,6 +218,10 @@ def generate(
     layers: str | Sequence[str] = "*",
     keep_heads: bool = False,
     max_step_bytes: int = DEFAULT_MAX_STEP_BYTES,
+    per_step_tokens: str = "prompt",
+    per_step_dtype: str = "float32",
+    per_step_by: str = "layer",
+    per_step_device: str | None = "cpu",
     processor=None,
     map_layers: str | None = None,
     text_part: str | None = None,
@@ -240,6 +248,13 @@ def generate(
             ("up_blocks.*") or map resolutions ("16": longer side 16; "16x12": exact size).
         keep_heads (`bool`): also keep per-head maps.
         max_step_bytes (`int`): memory budget for per-step maps.
+        per_step_tokens (`str`): the token columns per-step maps keep: "prompt" (the prompts' own tokens: start,
+            words, end; not padding; plus one column with the rest's sum) or "all".
+        per_step_dtype (`str`): "float32", "float16" (half the memory) or "bfloat16" for per-step maps.
+        per_step_by (`str`): "layer" (a per-step map per layer) or "resolution" (per resolution: its layers
+            summed; step ranges then take whole resolutions).
+        per_step_device (`str`, *optional*): where per-step maps are kept; default the CPU (from a GPU by
+            non-blocking copies); None: the model's device.
         processor (`ProcessorSpec`, *optional*): a steering processor (see `steering.py`); default: capture.
             The edit processor returns two images, [source, edit], for one source prompt.
         map_layers (`str`, *optional*): the result's default map view, "all" (every layer) or "finest" (the
@@ -295,6 +310,12 @@ def generate(
             lo = value // multiple * multiple
             raise ValueError(f"{name}={value} is not a multiple of {multiple} (the VAE factor and the pipeline "
                              f"require it); use {max(lo, multiple)} or {lo + multiple}")
+    if per_step_tokens not in PER_STEP_TOKENS:
+        raise ValueError(f"per_step_tokens={per_step_tokens!r} is not known; use one of {', '.join(PER_STEP_TOKENS)}")
+    if per_step_dtype not in PER_STEP_DTYPES:
+        raise ValueError(f"per_step_dtype={per_step_dtype!r} is not known; use one of {', '.join(PER_STEP_DTYPES)}")
+    if per_step_by not in PER_STEP_BY:
+        raise ValueError(f"per_step_by={per_step_by!r} is not known; use one of {', '.join(PER_STEP_BY)}")
     spec = processor if processor is not None else ProcessorSpec("capture", mode=mode)
     new_scheduler = _make_scheduler(pipe, scheduler)
 
@@ -333,7 +354,10 @@ def generate(
         with use_processor(pipe, spec, prompts=prompts, steps=steps, per_step=per_step, keep_heads=keep_heads,
                            max_step_bytes=max_step_bytes, layers=layers,
                            num_images_per_prompt=num_images_per_prompt,
-                           latent_size=(height // factor, width // factor), alignment=align) as store:
+                           latent_size=(height // factor, width // factor), alignment=align,
+                           step_columns=prompt_columns(alignments) if per_step_tokens == "prompt" else None,
+                           per_step_dtype=per_step_dtype, per_step_device=per_step_device,
+                           per_step_by=per_step_by) as store:
             out = pipe(
                 prompt=call_prompts, **_negative(pipe, call_negative), num_inference_steps=steps,
                 guidance_scale=guidance_scale, height=height, width=width,
@@ -349,7 +373,8 @@ def generate(
         prompt=prompts[0] if isinstance(prompt, str) else prompts,
         edit_source_prompt=prompts[0] if spec.name == "edit" else None,
         negative_prompt=negative_prompt, seed=seed, steps=steps, guidance_scale=guidance_scale,
-        height=height, width=width, mode=spec.mode, per_step=per_step,
+        height=height, width=width, mode=spec.mode, per_step=per_step, per_step_tokens=per_step_tokens,
+        per_step_dtype=per_step_dtype, per_step_by=per_step_by,
         num_images_per_prompt=num_images_per_prompt, scheduler=scheduler or "default",
         scheduler_class=type(new_scheduler or old_scheduler).__name__, layers=layers, keep_heads=keep_heads,
         processor=spec.to_dict(), model=getattr(pipe, "crossattn_source", None) or pipe.config.get("_name_or_path"),

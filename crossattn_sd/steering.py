@@ -175,24 +175,26 @@ def edit_token_map(source: PromptTokens, edit: PromptTokens) -> torch.Tensor:
 def use_processor(pipe, spec: ProcessorSpec, *, prompts: list[str], steps: int, per_step: bool = False,
                   keep_heads: bool = False, max_step_bytes: int = DEFAULT_MAX_STEP_BYTES, layers="*",
                   num_images_per_prompt: int = 1, latent_size=None,
-                  alignment: Callable[[str], PromptTokens] | None = None) -> Iterator[MapStore]:
+                  alignment: Callable[[str], PromptTokens] | None = None, **step_options) -> Iterator[MapStore]:
     """Install `spec`'s processor on `pipe` for one call; yields the call's `MapStore`.
 
     `latent_size` ((h, w) of the call's latents) resolves resolution selectors in the layers ("16", "16x12");
-    `alignment(prompt)` gives a prompt's word positions in the text sequence (default: the family's)."""
+    `alignment(prompt)` gives a prompt's word positions in the text sequence (default: the family's);
+    `step_options` are the store's per-step settings (`step_columns`, `per_step_dtype`, `per_step_device`,
+    `per_step_by`: see `MapStore`)."""
     patterns = spec.layer_patterns if spec.layers != "*" else ([layers] if isinstance(layers, str) else list(layers))
     if spec.name == "default":
         yield MapStore()
         return
     if spec.name == "capture":
         with capture(pipe, spec.mode, patterns, per_step=per_step, keep_heads=keep_heads,
-                     max_step_bytes=max_step_bytes, latent_size=latent_size) as store:
+                     max_step_bytes=max_step_bytes, latent_size=latent_size, **step_options) as store:
             yield store
         return
     family = family_of(pipe)
     align = alignment or (lambda p: family.text_positions(pipe, p))
     store = MapStore(per_step=per_step, keep_heads=keep_heads, max_step_bytes=max_step_bytes,
-                     cfg=guidance_probe(pipe))
+                     cfg=guidance_probe(pipe), **step_options)
     if spec.name == "reweight":
         per_image = [token_weights(align(p), spec.weights) for p in prompts for _ in range(num_images_per_prompt)]
         steering = Steering(token_weights=torch.stack(per_image))
