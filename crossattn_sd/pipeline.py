@@ -7,6 +7,7 @@ the images, the prompt's word alignment and the recorded maps.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import math
@@ -286,7 +287,7 @@ def generate(
         raise ValueError(f"map_layers={map_layers!r} is not a map view; use one of {', '.join(MAP_LAYERS)}")
     family = family_of(pipe)
     factor = int(getattr(pipe, "vae_scale_factor", 8))
-    native = native_size(pipe)
+    native = family.native_latent_size() * factor  # native_size(pipe), with the family at hand
     parts = family.text_parts(pipe)
     text_part = parts[0] if text_part is None else text_part
     if text_part not in parts:
@@ -343,6 +344,10 @@ def generate(
             p._interrupt = True
         return callback_kwargs
 
+    # Without progress or cancel there is nothing to do at a step's end: no callback, so the pipeline does none of
+    # its per-step callback bookkeeping either (a batch row or an API call then costs what capture() costs).
+    step_callback = {} if progress is None and cancel is None else {"callback_on_step_end": on_step_end}
+
     generator = torch.Generator(device="cpu").manual_seed(seed)
     if spec.name == "edit":  # source and edit each draw the noise a plain call would (the pipeline's own way)
         generator = [generator, torch.Generator(device="cpu").manual_seed(seed)]
@@ -355,14 +360,15 @@ def generate(
                            max_step_bytes=max_step_bytes, layers=layers,
                            num_images_per_prompt=num_images_per_prompt,
                            latent_size=(height // factor, width // factor), alignment=align,
-                           step_columns=prompt_columns(alignments) if per_step_tokens == "prompt" else None,
+                           step_columns=prompt_columns(alignments) if per_step and per_step_tokens == "prompt"
+                           else None,
                            per_step_dtype=per_step_dtype, per_step_device=per_step_device,
                            per_step_by=per_step_by) as store:
             out = pipe(
                 prompt=call_prompts, **_negative(pipe, call_negative), num_inference_steps=steps,
                 guidance_scale=guidance_scale, height=height, width=width,
                 num_images_per_prompt=num_images_per_prompt, generator=generator,
-                callback_on_step_end=on_step_end, **family.pipeline_kwargs(pipe, max_sequence_length),
+                **step_callback, **family.pipeline_kwargs(pipe, max_sequence_length),
             )
     finally:
         pipe.scheduler = old_scheduler
@@ -384,11 +390,14 @@ def generate(
     return GenerationResult(images=images, alignments=alignments, store=store, settings=settings)
 
 
+@functools.lru_cache(maxsize=None)
+def _takes_negative(pipeline_class) -> bool:
+    return "negative_prompt" in inspect.signature(pipeline_class.__call__).parameters
+
+
 def _negative(pipe, negative_prompt) -> dict:
     """The pipeline call's `negative_prompt` argument; pipelines without one (FLUX.2) refuse a non-empty one."""
-    import inspect
-
-    if "negative_prompt" in inspect.signature(type(pipe).__call__).parameters:
+    if _takes_negative(type(pipe)):
         return {"negative_prompt": negative_prompt}
     given = [negative_prompt] if isinstance(negative_prompt, str) else list(negative_prompt or [])
     if any(given):
