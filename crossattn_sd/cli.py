@@ -39,6 +39,12 @@ def _add_run_options(p: argparse.ArgumentParser, *, device_default: str) -> None
     p.add_argument("--layers", default="*", help="cross-attention layers the processor goes on, comma-separated: "
                    "glob patterns of layer names ('up_blocks.*') or map resolutions ('16': longer side 16, '16x12')")
     p.add_argument("--per-step", action="store_true", help="also keep per-step maps (timelines, step ranges)")
+    p.add_argument("--per-step-tokens", default="prompt", choices=("prompt", "all"),
+                   help="per-step maps keep the prompt's own token columns (start, words, end) or all (with padding)")
+    p.add_argument("--per-step-dtype", default="float32", choices=("float32", "float16", "bfloat16"),
+                   help="dtype of per-step maps (float16: half the memory)")
+    p.add_argument("--per-step-by", default="layer", choices=("layer", "resolution"),
+                   help="one per-step map per layer, or per resolution (its layers summed: for long timelines)")
     p.add_argument("--device", default=None, help=f"cuda, mps or cpu (default: {device_default})")
     p.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"),
                    help="model dtype (default: float16 on CUDA for real checkpoints, else float32)")
@@ -59,7 +65,8 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
 def _add_batch_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompts", type=Path, help="prompt file: .txt (one prompt a line), .jsonl or .csv with columns "
                    "prompt, negative_prompt, seed, steps, guidance, height, width, scheduler, mode, processor, "
-                   "weights, edit_prompt, inject, layers, per_step (the options below are every row's defaults)")
+                   "weights, edit_prompt, inject, layers, per_step, per_step_tokens, per_step_dtype, per_step_by (the options "
+                   "below are every row's defaults)")
     p.add_argument("--out", required=True, type=Path, help="output folder: a bundle folder per row and index.jsonl "
                    "(a rerun into the same folder skips finished rows)")
     _add_run_options(p, device_default="this process's accelerate device")
@@ -252,7 +259,9 @@ def _run_generate(args, spec, pipe=None):
             result = generate(pipe, args.prompt, negative_prompt=args.negative_prompt, seed=args.seed,
                               steps=args.steps, guidance_scale=args.guidance, height=args.height, width=args.width,
                               scheduler=None if args.scheduler == "default" else args.scheduler,
-                              per_step=args.per_step, processor=spec, progress=progress)
+                              per_step=args.per_step, per_step_tokens=args.per_step_tokens,
+                              per_step_dtype=args.per_step_dtype, per_step_by=args.per_step_by, processor=spec,
+                              progress=progress)
     finally:
         if bar is not None:
             bar.close()

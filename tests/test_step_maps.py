@@ -208,3 +208,23 @@ def test_bad_per_step_options_are_refused_before_the_run(pipe):
     for option, value in (("per_step_tokens", "some"), ("per_step_dtype", "int8"), ("per_step_by", "block")):
         with pytest.raises(ValueError, match=f"{option}='{value}' is not known"):
             generate(pipe, PROMPT, **{**KW, option: value})
+
+
+def test_batch_rows_and_cli_flags_choose_how_per_step_maps_are_kept(sd_pipe_dir, tmp_path):
+    from crossattn_sd.cli import main
+
+    rows = [{"prompt": "a red circle", "per_step": True, "per_step_dtype": "float16", "per_step_by": "resolution"},
+            {"prompt": "a blue square", "per_step": True},  # the command line's defaults below
+            {"prompt": "a red square", "per_step": True, "per_step_by": "block"}]
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    assert main(["batch", str(prompts), "--out", str(out), "--model", str(sd_pipe_dir), "--steps", "2",
+                 "--height", "32", "--width", "32", "--threads", "1", "--quiet", "--per-step-tokens", "all"]) == 0
+    lines = [json.loads(s) for s in (out / "index.jsonl").read_text().splitlines()]
+    assert [line["status"] for line in lines] == ["ok", "ok", "failed"]
+    assert "per_step_by='block' is not known" in lines[2]["error"]
+    first, second = (load_result(out / line["name"]) for line in lines[:2])
+    assert first.store.per_step_by == "resolution" and first.store.per_step_dtype == torch.float16
+    assert first.store.step_columns is None  # --per-step-tokens all, the run's default
+    assert second.store.per_step_by == "layer" and second.settings["per_step_tokens"] == "all"
