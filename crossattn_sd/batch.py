@@ -37,11 +37,13 @@ from pathlib import Path
 COLUMNS = {
     "prompt": str, "negative_prompt": str, "seed": int, "steps": int, "guidance": float, "height": int,
     "width": int, "scheduler": str, "mode": str, "processor": str, "weights": str, "edit_prompt": str,
-    "inject": float, "layers": str, "per_step": bool, "concepts": str, "concept_kind": str,
+    "inject": float, "layers": str, "per_step": bool, "per_step_tokens": str, "per_step_dtype": str,
+    "per_step_by": str, "concepts": str, "concept_kind": str,
 }
 DEFAULTS = {"negative_prompt": None, "seed": 0, "steps": None, "guidance": None, "height": None, "width": None,
             "scheduler": "default", "mode": "exact", "processor": "capture", "weights": "", "edit_prompt": None,
-            "inject": 0.8, "layers": "*", "per_step": False, "concepts": "", "concept_kind": None}
+            "inject": 0.8, "layers": "*", "per_step": False, "per_step_tokens": "prompt", "per_step_dtype": "float32",
+            "per_step_by": "layer", "concepts": "", "concept_kind": None}
 SUFFIXES = (".txt", ".jsonl", ".csv")
 INDEX = "index.jsonl"
 WORK = ".batch"  # parts/ (per-process index lines) and tmp/ (bundles being written)
@@ -281,7 +283,9 @@ def _generate(pipe, options: dict):
     return generate(pipe, o["prompt"], negative_prompt=o["negative_prompt"], seed=o["seed"], steps=o["steps"],
                     guidance_scale=o["guidance"], height=o["height"], width=o["width"],
                     scheduler=None if o["scheduler"] == "default" else o["scheduler"], per_step=o["per_step"],
-                    processor=spec, concepts=o.get("concepts") or None, concept_kind=o.get("concept_kind"))
+                    per_step_tokens=o["per_step_tokens"], per_step_dtype=o["per_step_dtype"],
+                    per_step_by=o["per_step_by"], processor=spec, concepts=o.get("concepts") or None,
+                    concept_kind=o.get("concept_kind"))
 
 
 def _publish(tmp: Path, final: Path) -> None:

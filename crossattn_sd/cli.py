@@ -47,6 +47,12 @@ def _add_run_options(p: argparse.ArgumentParser, *, device_default: str) -> None
                    help="the concept maps written as maps.npz and overlays: UNet joint (softmax over the prompt and "
                    "the concepts) or concepts-only; SD3 output (ConceptAttention) or attention (default: the "
                    "model's)")
+    p.add_argument("--per-step-tokens", default="prompt", choices=("prompt", "all"),
+                   help="per-step maps keep the prompt's own token columns (start, words, end) or all (with padding)")
+    p.add_argument("--per-step-dtype", default="float32", choices=("float32", "float16", "bfloat16"),
+                   help="dtype of per-step maps (float16: half the memory)")
+    p.add_argument("--per-step-by", default="layer", choices=("layer", "resolution"),
+                   help="one per-step map per layer, or per resolution (its layers summed: for long timelines)")
     p.add_argument("--device", default=None, help=f"cuda, mps or cpu (default: {device_default})")
     p.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"),
                    help="model dtype (default: float16 on CUDA for real checkpoints, else float32)")
@@ -67,8 +73,8 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
 def _add_batch_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompts", type=Path, help="prompt file: .txt (one prompt a line), .jsonl or .csv with columns "
                    "prompt, negative_prompt, seed, steps, guidance, height, width, scheduler, mode, processor, "
-                   "weights, edit_prompt, inject, layers, per_step, concepts, concept_kind (the options below are "
-                   "every row's defaults)")
+                   "weights, edit_prompt, inject, layers, per_step, per_step_tokens, per_step_dtype, per_step_by, "
+                   "concepts, concept_kind (the options below are every row's defaults)")
     p.add_argument("--out", required=True, type=Path, help="output folder: a bundle folder per row and index.jsonl "
                    "(a rerun into the same folder skips finished rows)")
     _add_run_options(p, device_default="this process's accelerate device")
@@ -293,8 +299,9 @@ def _run_generate(args, spec, pipe=None):
             result = generate(pipe, args.prompt, negative_prompt=args.negative_prompt, seed=args.seed,
                               steps=args.steps, guidance_scale=args.guidance, height=args.height, width=args.width,
                               scheduler=None if args.scheduler == "default" else args.scheduler,
-                              per_step=args.per_step, processor=spec, progress=progress,
-                              concepts=args.concepts if spec.name != "default" else None,
+                              per_step=args.per_step, per_step_tokens=args.per_step_tokens,
+                              per_step_dtype=args.per_step_dtype, per_step_by=args.per_step_by, processor=spec,
+                              progress=progress, concepts=args.concepts if spec.name != "default" else None,
                               concept_kind=args.concept_kind)
     finally:
         if bar is not None:

@@ -130,10 +130,12 @@ class Concepts:
     @classmethod
     def like(cls, store: MapStore, names, token_groups, kinds, states=None, default_kind=None,
              template: str = DEFAULT_TEMPLATE) -> "Concepts":
-        """Concepts recorded with `store`'s settings (per-step maps, heads, budget, guidance halves)."""
+        """Concepts recorded with `store`'s settings (per-step maps, their dtype and device, heads, budget, guidance
+        halves); their per-step maps keep every column (each is a concept's) and one map per layer."""
         stores = {k: MapStore(per_step=store.per_step, keep_heads=store.keep_heads,
                               max_step_bytes=store.max_step_bytes, cfg=store.cfg, defer_bytes=store.defer_bytes,
-                              chunk_bytes=store.chunk_bytes) for k in kinds}
+                              chunk_bytes=store.chunk_bytes, per_step_dtype=store.per_step_dtype,
+                              per_step_device=store.per_step_device) for k in kinds}
         return cls(list(names), [tuple(g) for g in token_groups], tuple(kinds), stores, states,
                    default_kind=default_kind, template=template)
 

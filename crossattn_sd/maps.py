@@ -11,6 +11,13 @@ up to `defer_bytes`, and `flush` turns each layer's waiting steps into probabili
 softmax(Q K^T) instead of one per step. Same maps, a few tensor calls per layer instead of a few per layer
 and step, which is most of the recording cost when the UNet is small (each call has a fixed CPU cost).
 `capture()` flushes when its block ends, and every reading method flushes first.
+
+Per-step maps (`per_step=True`) are what grows with a long timeline, so they are kept small (see `keep_step`):
+only the token columns a store is told are real (`step_columns`: the prompt's start, words and end, not its
+padding), plus one column holding the rest's sum so a row keeps its total; in `per_step_dtype` (float16 halves
+them); on `per_step_device` (the CPU by default, copied from a GPU without stalling it); and, with
+`per_step_by="resolution"`, one map per resolution and step (the sum of that resolution's layers) instead of
+one per layer. Map indices stay token indices: reading expands the kept columns back to the full token axis.
 """
 
 from __future__ import annotations
@@ -27,6 +34,21 @@ import torch.nn.functional as F
 DEFAULT_MAX_STEP_BYTES = 1 << 30  # 1 GiB of per-step maps before per-step detail is dropped
 DEFAULT_DEFER_BYTES = 64 << 20  # queries and keys waiting for a batched softmax before they are flushed
 DEFAULT_CHUNK_BYTES = 64 << 20  # scores computed at once by the side softmax (`text_attention`)
+PER_STEP_BY = ("layer", "resolution")  # what one per-step map covers: one layer, or all layers of one size
+RESOLUTION_KEY = "resolution:"  # per-step maps of `per_step_by="resolution"` are keyed "resolution:<h>x<w>"
+
+
+def resolution_key(hw: tuple[int, int]) -> str:
+    """The per-step key of a resolution's summed maps ("resolution:16x16")."""
+    return f"{RESOLUTION_KEY}{int(hw[0])}x{int(hw[1])}"
+
+
+def key_resolution(key: str) -> tuple[int, int] | None:
+    """The (h, w) of a per-step key made by `resolution_key`; None for a layer's key."""
+    if not key.startswith(RESOLUTION_KEY):
+        return None
+    h, _, w = key[len(RESOLUTION_KEY):].partition("x")
+    return (int(h), int(w)) if h.isdigit() and w.isdigit() else None
 
 
 def same_grid(latent_hw: tuple[int, int], num_queries: int) -> tuple[int, int]:
@@ -98,6 +120,15 @@ class MapStore:
             `capture()` sets it from the model's family (UNet levels, a transformer's patch grid). Default:
             the latent's own grid.
         chunk_bytes (`int`): the most scores `flush` computes at once (see `text_attention`).
+        step_columns (sequence of `int`, *optional*): the token columns per-step maps keep (`generate` passes
+            the prompts' real tokens, `tokens.prompt_columns`); each per-step map then holds those columns and
+            one more, the sum of the others. Default: every column. The running sums always keep every column.
+        per_step_dtype (`torch.dtype`): dtype per-step maps are stored in (float16 halves them).
+        per_step_device (`str`, *optional*): where per-step maps are stored; default the CPU (from a GPU, by
+            non-blocking copies into pinned memory: the GPU is not stalled at each layer); None: where they
+            were recorded.
+        per_step_by (`str`): "layer" (one map per layer and step) or "resolution" (one per resolution and
+            step: the sum of that resolution's layers; enough for every view that takes whole resolutions).
     """
 
     per_step: bool = False
@@ -108,6 +139,10 @@ class MapStore:
     grid: Callable[[tuple[int, int], int], tuple[int, int]] | None = field(default=None, repr=False)
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     concepts: object | None = field(default=None, repr=False)  # a `concepts.Concepts` recorded beside this store
+    step_columns: Sequence[int] | None = None
+    per_step_dtype: torch.dtype = torch.float32
+    per_step_device: str | torch.device | None = "cpu"
+    per_step_by: str = "layer"
 
     latent_hw: tuple[int, int] | None = None
     sums: dict[str, torch.Tensor] = field(default_factory=dict)  # layer -> (n, h, w, T)
@@ -120,6 +155,23 @@ class MapStore:
     _cfg_now: bool = False
     _pending: list = field(default_factory=list, repr=False)  # record_attention calls waiting for `flush`
     _pending_bytes: int = 0
+    _open: dict = field(default_factory=dict, repr=False)  # (call, key) -> a resolution's sum, still growing
+    _copying: set = field(default_factory=set, repr=False)  # devices with non-blocking copies in flight
+    _columns: dict = field(default_factory=dict, repr=False)  # (device, tokens) -> (kept, rest) index tensors
+
+    def __post_init__(self):
+        if self.per_step_by not in PER_STEP_BY:
+            raise ValueError(f"per_step_by={self.per_step_by!r} is not known; use one of {', '.join(PER_STEP_BY)}")
+        if isinstance(self.per_step_dtype, str):
+            self.per_step_dtype = getattr(torch, self.per_step_dtype, None)
+        if self.per_step_dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"per_step_dtype={self.per_step_dtype!r} is not a float dtype kept here; use "
+                             "float32, float16 or bfloat16")
+        if self.step_columns is not None:
+            cols = sorted({int(c) for c in self.step_columns})
+            if cols and cols[0] < 0:
+                raise ValueError(f"step_columns holds {cols[0]}; token columns are >= 0")
+            self.step_columns = tuple(cols)
 
     # -- recording -------------------------------------------------------------------------------------------
 
@@ -152,6 +204,7 @@ class MapStore:
         h, w = self._grid(probs.shape[1])
         probs = probs.reshape(1, n, heads, h, w, probs.shape[-1])
         self._add(layer, probs.mean(dim=2), probs if self.keep_heads else None, [self.num_steps - 1])
+        self._seal(self.num_steps - 1)
 
     def _grid(self, num_queries: int) -> tuple[int, int]:
         return tuple((self.grid or same_grid)(self.latent_hw, num_queries))
@@ -182,12 +235,22 @@ class MapStore:
         # Views of the UNet's tensors keep the whole batch alive: both halves under guidance.
         self._pending_bytes += (query.numel() + key.numel()) * query.element_size() * (2 if self._cfg_now else 1)
         if self._pending_bytes > self.defer_bytes:
-            self.flush()
+            self._flush_pending()
 
     def flush(self) -> None:
-        """Turn the queries and keys waiting from `record_attention` into maps: one batched softmax per layer."""
+        """Turn the queries and keys waiting from `record_attention` into maps (one batched softmax per layer),
+        and finish the per-step maps (copies in flight land): every field is complete afterwards (the concepts'
+        stores too)."""
         if self.concepts is not None:
             self.concepts.flush()
+        self._flush_pending()
+        self._seal(None)
+        for device in self._copying:
+            torch.cuda.synchronize(device)  # the non-blocking copies into pinned memory have landed
+        self._copying.clear()
+
+    def _flush_pending(self) -> None:
+        """The batched softmax of `flush`, also run while recording when the waiting inputs pass `defer_bytes`."""
         if not self._pending:
             return
         pending, self._pending, self._pending_bytes = self._pending, [], 0
@@ -213,6 +276,7 @@ class MapStore:
                 if heads is not None:
                     heads = heads.reshape(calls, -1, heads.shape[1], h, w, heads.shape[-1])
                 self._add(layer, mean, heads, [e[1] for e in entries])
+        self._seal(self.num_steps - 1)  # the current call may have layers still to come
 
     def _add(self, layer: str, mean: torch.Tensor, probs: torch.Tensor | None, calls: list[int]) -> None:
         """Accumulate head-mean probabilities (calls, n, h, w, T) of the model calls with indices `calls`, and the
@@ -235,19 +299,83 @@ class MapStore:
         for step_mean, call in zip(mean, calls):
             if self.steps_dropped:
                 return
-            nbytes = step_mean.numel() * step_mean.element_size()
-            if self.step_bytes + nbytes > self.max_step_bytes:
-                self.steps_dropped = True
-                self.steps.clear()
-                self.step_bytes = 0
-                warnings.warn(
-                    f"per-step attention maps reached max_step_bytes={self.max_step_bytes}; per-step detail "
-                    "was dropped and the running sums kept. Raise max_step_bytes or use fewer steps/layers.",
-                    RuntimeWarning, stacklevel=3,
-                )
-                return
-            self.steps[call][layer] = step_mean.clone()
-            self.step_bytes += nbytes
+            self.keep_step(call, layer, step_mean)
+
+    def keep_step(self, call: int, layer: str, step_mean: torch.Tensor) -> None:
+        """Keep one layer's head-mean map (n, h, w, T) of model call `call` as per-step detail: its kept columns
+        (`step_columns` and the rest's sum), in `per_step_dtype`, on `per_step_device`; per resolution, added
+        to the call's sum for that size (kept on the recording device until the call is complete). Past
+        `max_step_bytes` every per-step map is dropped with a warning."""
+        compact = self._compact(step_mean)
+        if self.per_step_by == "layer":
+            if self._count_step_bytes(compact):
+                self.steps[call][layer] = self._to_storage(compact)
+            return
+        key = resolution_key(step_mean.shape[1:3])
+        if (call, key) in self._open:
+            self._open[call, key] += compact
+        elif key in self.steps[call]:  # sealed early (read in mid-call): add to it where it is kept
+            kept = self.steps[call][key]
+            self.steps[call][key] = (kept.float() + compact.float().to(kept.device)).to(kept.dtype)
+        elif self._count_step_bytes(compact):
+            self._open[call, key] = compact.float()  # a sum in float32 even for float16 maps
+
+    def _compact(self, step_mean: torch.Tensor) -> torch.Tensor:
+        """(n, h, w, T) -> a new tensor of the kept columns and the rest's sum, (n, h, w, K + 1); a copy of every
+        column if none are set."""
+        if self.step_columns is None:
+            return step_mean.clone()
+        num_tokens = step_mean.shape[-1]
+        key = (step_mean.device, num_tokens)
+        if key not in self._columns:
+            kept = [c for c in self.step_columns if c < num_tokens]
+            if len(kept) < len(self.step_columns):
+                raise ValueError(f"step_columns go up to {self.step_columns[-1]}, but the layers have "
+                                 f"{num_tokens} token columns")
+            rest = sorted(set(range(num_tokens)) - set(kept))
+            self._columns[key] = tuple(torch.tensor(c, dtype=torch.long, device=step_mean.device)
+                                       for c in (kept, rest))
+        kept, rest = self._columns[key]
+        return torch.cat([step_mean.index_select(-1, kept), step_mean.index_select(-1, rest).sum(-1, keepdim=True)],
+                         dim=-1)
+
+    def _count_step_bytes(self, compact: torch.Tensor) -> bool:
+        """Count a new per-step map against the budget; False (and per-step detail dropped) past it."""
+        nbytes = compact.numel() * self.per_step_dtype.itemsize
+        if self.step_bytes + nbytes > self.max_step_bytes:
+            self.steps_dropped = True
+            self.steps.clear()
+            self._open.clear()
+            self.step_bytes = 0
+            warnings.warn(
+                f"per-step attention maps reached max_step_bytes={self.max_step_bytes}; per-step detail "
+                "was dropped and the running sums kept. Raise max_step_bytes, use fewer steps/layers, "
+                "per_step_dtype=float16 or per_step_by='resolution'.",
+                RuntimeWarning, stacklevel=4,
+            )
+            return False
+        self.step_bytes += nbytes
+        return True
+
+    def _to_storage(self, t: torch.Tensor) -> torch.Tensor:
+        """`t` (a tensor of the store's own) in `per_step_dtype` on `per_step_device`. From a GPU the copy is non-blocking into pinned
+        memory (PyTorch's caching host allocator), so recording never waits for the GPU; `flush` synchronises
+        before anything reads it. The dtype is converted first, on the GPU, so less crosses the bus."""
+        t = t.to(self.per_step_dtype)
+        device = t.device if self.per_step_device is None else torch.device(self.per_step_device)
+        if t.device == device:
+            return t
+        if t.device.type == "cuda" and device.type == "cpu":
+            self._copying.add(t.device)
+            return t.to(device, non_blocking=True)
+        return t.to(device)
+
+    def _seal(self, before: int | None) -> None:
+        """Move the per-resolution sums of the calls before `before` (all: None), complete now, to storage."""
+        for call, key in [k for k in self._open if before is None or k[0] < before]:
+            total = self._open.pop((call, key))
+            if not self.steps_dropped:
+                self.steps[call][key] = self._to_storage(total)
 
     # -- reading ---------------------------------------------------------------------------------------------
 
@@ -315,23 +443,65 @@ class MapStore:
             return self.head_sums[layer][:, head] / self.counts[layer]
         if steps is None:
             return self.sums[layer] / self.counts[layer]
+        if self.per_step_by == "resolution":
+            raise ValueError("per-step maps were kept per resolution (per_step_by='resolution'), not per layer; "
+                             "pick whole resolutions for a step range (token_maps does), or generate with "
+                             "per_step_by='layer'")
+        return self._expand(self._step_mean(layer, steps))
+
+    def _step_mean(self, key: str, steps: Sequence[int]) -> torch.Tensor:
+        """Mean of the per-step maps under `key` (a layer, or a `resolution_key`) over `steps`, float32, as kept
+        (the kept columns and the rest's sum when `step_columns` is set)."""
         if not self.has_steps:
             why = "were dropped at max_step_bytes" if self.steps_dropped else "were not kept"
             raise ValueError(f"per-step maps {why}; generate with per_step=True (and enough max_step_bytes)")
         bad = [s for s in steps if not 0 <= s < len(self.steps)]
         if bad:
             raise ValueError(f"steps {bad} are out of range; this run has steps 0..{self.num_steps - 1}")
-        picked = [self.steps[s][layer] for s in steps if layer in self.steps[s]]
+        picked = [self.steps[s][key] for s in steps if key in self.steps[s]]
         if not picked:
             raise ValueError(f"steps {list(steps)} select nothing; this run has steps 0..{self.num_steps - 1}")
-        return torch.stack(picked).mean(dim=0)
+        return torch.stack(picked).float().mean(dim=0)
+
+    def _expand(self, kept: torch.Tensor) -> torch.Tensor:
+        """A per-step map as kept -> (n, h, w, T) on the full token axis: the kept columns at their token indices,
+        zeros elsewhere (the rest's sum is only a row total, see `layer_total`)."""
+        if self.step_columns is None:
+            return kept
+        num_tokens = next(iter(self.sums.values())).shape[-1]
+        full = kept.new_zeros((*kept.shape[:-1], num_tokens))
+        full[..., list(self.step_columns)] = kept[..., :-1]
+        return full
+
+    def layer_total(self, layer: str, steps: Sequence[int] | None = None, head: int | None = None) -> torch.Tensor:
+        """Each pixel's probability summed over every token column, (n, h, w, 1): `layer_mean`'s row totals,
+        also for per-step maps that keep only some columns (their last column holds the others' sum)."""
+        if steps is None or self.step_columns is None or self.per_step_by == "resolution":
+            return self.layer_mean(layer, steps=steps, head=head).sum(-1, keepdim=True)  # (or its error)
+        return self._step_mean(layer, steps).sum(-1, keepdim=True)
+
+    def resolution_mean(self, hw: tuple[int, int], steps: Sequence[int]) -> torch.Tensor:
+        """The sum of the maps of every layer of size `hw`, averaged over `steps`: (n, h, w, T). With
+        `per_step_by="resolution"` this is what the store keeps; otherwise it is summed from the layers."""
+        self.flush()
+        hw = tuple(int(v) for v in hw)
+        if self.per_step_by == "resolution":
+            return self._expand(self._step_mean(resolution_key(hw), steps))
+        names = [l for l in self.layers if self.layer_shape(l) == hw]
+        if not names:
+            raise ValueError(f"no recorded layer has {hw[0]}x{hw[1]} maps")
+        total = self.layer_mean(names[0], steps)
+        for name in names[1:]:
+            total = total + self.layer_mean(name, steps)
+        return total
 
     def select_images(self, images: slice) -> "MapStore":
         """A store holding only some of the recorded images (e.g. the edited one of a [source, edit] batch)."""
         self.flush()
         out = MapStore(per_step=self.per_step, keep_heads=self.keep_heads, max_step_bytes=self.max_step_bytes,
                        latent_hw=self.latent_hw, counts=dict(self.counts), timesteps=list(self.timesteps),
-                       steps_dropped=self.steps_dropped)
+                       steps_dropped=self.steps_dropped, step_columns=self.step_columns,
+                       per_step_dtype=self.per_step_dtype, per_step_by=self.per_step_by)
         out.sums = {k: v[images].clone() for k, v in self.sums.items()}
         out.head_sums = {k: v[images].clone() for k, v in self.head_sums.items()}
         out.steps = [{k: v[images].clone() for k, v in step.items()} for step in self.steps]
@@ -347,11 +517,15 @@ class MapStore:
         out.update({f"count/{k}": torch.tensor(c) for k, c in self.counts.items()})
         for i, step in enumerate(self.steps):
             out.update({f"step/{i}/{k}": v.contiguous() for k, v in step.items()})
+        if self.step_columns is not None:
+            out["step_columns"] = torch.tensor(self.step_columns, dtype=torch.int64)
         out["timesteps"] = torch.tensor(self.timesteps, dtype=torch.float64)
         return out
 
     @classmethod
     def from_state_dict(cls, tensors: dict[str, torch.Tensor], **settings) -> "MapStore":
+        """The store `state_dict` wrote; per-step maps keep their dtype, and how they were kept (`step_columns`,
+        `per_step_by`, `per_step_dtype`) is read from the tensors."""
         store = cls(**settings)
         num_steps = 0
         steps: dict[int, dict[str, torch.Tensor]] = {}
@@ -366,8 +540,13 @@ class MapStore:
                 store.counts[rest] = int(value)
             elif kind == "step":
                 i, _, layer = rest.partition("/")
-                steps.setdefault(int(i), {})[layer] = value.float()
+                steps.setdefault(int(i), {})[layer] = value
                 num_steps = max(num_steps, int(i) + 1)
+                store.per_step_dtype = value.dtype
+                if key_resolution(layer) is not None:
+                    store.per_step_by = "resolution"
+            elif kind == "step_columns":
+                store.step_columns = tuple(int(c) for c in value.tolist())
             elif kind == "order":
                 order[rest] = int(value)
             elif kind == "timesteps":
@@ -418,22 +597,46 @@ def token_maps(store: MapStore, token_groups: Sequence[Sequence[int]], size: tup
     if not 0 <= image_index < store.num_images:
         raise ValueError(f"image_index={image_index} is out of range; this run has {store.num_images} image(s)")
     names = store.select_layers(layers, resolutions)
-    by_size: dict[tuple[int, int], torch.Tensor] = {}  # (h, w) -> sum of that resolution's layer means (h, w, T)
-    for name in names:
-        m = store.layer_mean(name, steps=steps, head=head)[image_index]
-        if not text_share:
-            m = m / m.sum(-1, keepdim=True).clamp_min(torch.finfo(m.dtype).tiny)
-        hw = tuple(m.shape[:2])
-        by_size[hw] = by_size[hw] + m if hw in by_size else m
+    by_size = _resolution_sums(store, names, image_index, steps, head, text_share)
     groups = [torch.as_tensor(list(g), dtype=torch.long) for g in token_groups]
     total = torch.zeros((len(groups), *size), dtype=torch.float32)
     for (h, w), m in by_size.items():
+        idx_groups = [idx.to(m.device) for idx in groups]
         picked = torch.stack([m.index_select(-1, idx).sum(-1) if len(idx) else m.new_zeros((h, w))
-                              for idx in groups])  # (groups, h, w)
+                              for idx in idx_groups])  # (groups, h, w)
         # Groups go on the batch axis: each is then upsampled as its own plane, so a group's values do not
         # depend on how many others are computed with it (stacked as channels, they can differ by 1 ulp).
-        total += F.interpolate(picked[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+        total += F.interpolate(picked[:, None], size=size, mode="bilinear", align_corners=False)[:, 0].cpu()
     return total / len(names)
+
+
+def _resolution_sums(store: MapStore, names: list[str], image_index: int, steps, head,
+                     text_share: bool) -> dict[tuple[int, int], torch.Tensor]:
+    """(h, w) -> the sum of the layer means of `names` of that size, (h, w, T), for image `image_index`.
+
+    A store that kept per-step maps per resolution has them summed already: a step range then needs every
+    recorded layer of each size it uses (the others' share cannot be taken out)."""
+    by_size: dict[tuple[int, int], torch.Tensor] = {}
+    if steps is not None and store.per_step_by == "resolution":
+        if not text_share:
+            raise ValueError("text_share=False renormalises each layer's map, but per-step maps were kept per "
+                             "resolution (per_step_by='resolution'); use every step, or per_step_by='layer'")
+        for hw in dict.fromkeys(store.layer_shape(n) for n in names):
+            missing = [l for l in store.layers if store.layer_shape(l) == hw and l not in names]
+            if missing:
+                raise ValueError(f"per-step maps were kept per resolution (per_step_by='resolution'), so a step "
+                                 f"range takes all {hw[0]}x{hw[1]} layers; {missing[0]} is not selected (pick "
+                                 "resolutions rather than layers, or generate with per_step_by='layer')")
+            by_size[hw] = store.resolution_mean(hw, steps)[image_index]
+        return by_size
+    for name in names:
+        m = store.layer_mean(name, steps=steps, head=head)[image_index]
+        if not text_share:
+            total = store.layer_total(name, steps=steps, head=head)[image_index]
+            m = m / total.clamp_min(torch.finfo(m.dtype).tiny)
+        hw = tuple(m.shape[:2])
+        by_size[hw] = by_size[hw] + m if hw in by_size else m
+    return by_size
 
 
 def normalize(m: torch.Tensor, how: str = "minmax") -> torch.Tensor:

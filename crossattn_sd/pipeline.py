@@ -7,6 +7,7 @@ the images, the prompt's word alignment and the recorded maps.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import json
@@ -21,11 +22,11 @@ import torch
 from .config import (EMBEDDED, EMBEDDED_MODEL_DIR, EMBEDDED_PRESET, MAP_LAYERS, PACKAGE_DIR, PACKAGE_SOURCE,
                      GenerationDefaults, load_presets)
 from .families import family_of
-from .maps import DEFAULT_MAX_STEP_BYTES
+from .maps import DEFAULT_MAX_STEP_BYTES, PER_STEP_BY
 from .processors import MODES
 from .result import GenerationResult
 from .concepts import check_concepts
-from .tokens import VocabularyWarning, align_prompt, misaligned_words, vocabulary_note
+from .tokens import VocabularyWarning, align_prompt, misaligned_words, prompt_columns, vocabulary_note
 
 # Scheduler names offered by the CLI and UI -> Diffusers class name (created from the model's own config).
 SCHEDULERS = {
@@ -37,6 +38,10 @@ SCHEDULERS = {
     "unipc": "UniPCMultistepScheduler",
     "pndm": "PNDMScheduler",
 }
+
+
+PER_STEP_TOKENS = ("prompt", "all")  # generate's per_step_tokens: the prompts' own token columns, or all
+PER_STEP_DTYPES = ("float32", "float16", "bfloat16")
 
 
 class GenerationCancelled(RuntimeError):
@@ -244,6 +249,10 @@ def generate(
     layers: str | Sequence[str] = "*",
     keep_heads: bool = False,
     max_step_bytes: int = DEFAULT_MAX_STEP_BYTES,
+    per_step_tokens: str = "prompt",
+    per_step_dtype: str = "float32",
+    per_step_by: str = "layer",
+    per_step_device: str | None = "cpu",
     processor=None,
     map_layers: str | None = None,
     map_head: int | None = None,
@@ -274,6 +283,13 @@ def generate(
             ("up_blocks.*") or map resolutions ("16": longer side 16; "16x12": exact size).
         keep_heads (`bool`): also keep per-head maps (always kept when the default map view picks a head).
         max_step_bytes (`int`): memory budget for per-step maps.
+        per_step_tokens (`str`): the token columns per-step maps keep: "prompt" (the prompts' own tokens: start,
+            words, end; not padding; plus one column with the rest's sum) or "all".
+        per_step_dtype (`str`): "float32", "float16" (half the memory) or "bfloat16" for per-step maps.
+        per_step_by (`str`): "layer" (a per-step map per layer) or "resolution" (per resolution: its layers
+            summed; step ranges then take whole resolutions).
+        per_step_device (`str`, *optional*): where per-step maps are kept; default the CPU (from a GPU by
+            non-blocking copies); None: the model's device.
         processor (`ProcessorSpec`, *optional*): a steering processor (see `steering.py`); default: capture.
             The edit processor returns two images, [source, edit], for one source prompt.
         map_layers (`str`, *optional*): the result's default map view, "all" (every layer), "finest" (the
@@ -315,7 +331,7 @@ def generate(
     keep_heads = keep_heads or map_head is not None  # the default view draws that head
     family = family_of(pipe)
     factor = int(getattr(pipe, "vae_scale_factor", 8))
-    native = native_size(pipe)
+    native = family.native_latent_size() * factor  # native_size(pipe), with the family at hand
     parts = family.text_parts(pipe)
     text_part = parts[0] if text_part is None else text_part
     if text_part not in parts:
@@ -339,6 +355,12 @@ def generate(
             lo = value // multiple * multiple
             raise ValueError(f"{name}={value} is not a multiple of {multiple} (the VAE factor and the pipeline "
                              f"require it); use {max(lo, multiple)} or {lo + multiple}")
+    if per_step_tokens not in PER_STEP_TOKENS:
+        raise ValueError(f"per_step_tokens={per_step_tokens!r} is not known; use one of {', '.join(PER_STEP_TOKENS)}")
+    if per_step_dtype not in PER_STEP_DTYPES:
+        raise ValueError(f"per_step_dtype={per_step_dtype!r} is not known; use one of {', '.join(PER_STEP_DTYPES)}")
+    if per_step_by not in PER_STEP_BY:
+        raise ValueError(f"per_step_by={per_step_by!r} is not known; use one of {', '.join(PER_STEP_BY)}")
     spec = processor if processor is not None else ProcessorSpec("capture", mode=mode)
     concepts = check_concepts(concepts, defaults.vocabulary)  # before anything runs
     new_scheduler = _make_scheduler(pipe, scheduler)
@@ -367,6 +389,10 @@ def generate(
             p._interrupt = True
         return callback_kwargs
 
+    # Without progress or cancel there is nothing to do at a step's end: no callback, so the pipeline does none of
+    # its per-step callback bookkeeping either (a batch row or an API call then costs what capture() costs).
+    step_callback = {} if progress is None and cancel is None else {"callback_on_step_end": on_step_end}
+
     generator = torch.Generator(device="cpu").manual_seed(seed)
     if spec.name == "edit":  # source and edit each draw the noise a plain call would (the pipeline's own way)
         generator = [generator, torch.Generator(device="cpu").manual_seed(seed)]
@@ -379,12 +405,16 @@ def generate(
                            max_step_bytes=max_step_bytes, layers=layers,
                            num_images_per_prompt=num_images_per_prompt,
                            latent_size=(height // factor, width // factor), alignment=align, concepts=concepts,
-                           concept_kind=concept_kind, concept_template=concept_template) as store:
+                           concept_kind=concept_kind, concept_template=concept_template,
+                           step_columns=prompt_columns(alignments) if per_step and per_step_tokens == "prompt"
+                           else None,
+                           per_step_dtype=per_step_dtype, per_step_device=per_step_device,
+                           per_step_by=per_step_by) as store:
             out = pipe(
                 prompt=call_prompts, num_inference_steps=steps, height=height, width=width,
                 **{**_negative(pipe, call_negative), **family.guidance_kwargs(pipe, guidance_scale, call_negative)},
                 num_images_per_prompt=num_images_per_prompt, generator=generator,
-                callback_on_step_end=on_step_end, **family.pipeline_kwargs(pipe, max_sequence_length),
+                **step_callback, **family.pipeline_kwargs(pipe, max_sequence_length),
             )
     finally:
         pipe.scheduler = old_scheduler
@@ -395,7 +425,8 @@ def generate(
         prompt=prompts[0] if isinstance(prompt, str) else prompts,
         edit_source_prompt=prompts[0] if spec.name == "edit" else None,
         negative_prompt=negative_prompt, seed=seed, steps=steps, guidance_scale=guidance_scale,
-        height=height, width=width, mode=spec.mode, per_step=per_step,
+        height=height, width=width, mode=spec.mode, per_step=per_step, per_step_tokens=per_step_tokens,
+        per_step_dtype=per_step_dtype, per_step_by=per_step_by,
         num_images_per_prompt=num_images_per_prompt, scheduler=scheduler or "default",
         scheduler_class=type(new_scheduler or old_scheduler).__name__, layers=layers, keep_heads=keep_heads,
         processor=spec.to_dict(), model=getattr(pipe, "crossattn_source", None) or pipe.config.get("_name_or_path"),
@@ -407,12 +438,15 @@ def generate(
     return GenerationResult(images=images, alignments=alignments, store=store, settings=settings)
 
 
+@functools.lru_cache(maxsize=None)
+def _takes_negative(pipeline_class) -> bool:
+    return "negative_prompt" in inspect.signature(pipeline_class.__call__).parameters
+
+
 def _negative(pipe, negative_prompt) -> dict:
     """The pipeline call's `negative_prompt` argument; pipelines without one (FLUX.2) refuse a non-empty one, and
     None is left to the pipeline's own default (Sana's is "", and None fails there)."""
-    import inspect
-
-    if "negative_prompt" in inspect.signature(type(pipe).__call__).parameters:
+    if _takes_negative(type(pipe)):
         return {} if negative_prompt is None else {"negative_prompt": negative_prompt}
     given = [negative_prompt] if isinstance(negative_prompt, str) else list(negative_prompt or [])
     if any(given):

@@ -187,8 +187,10 @@ def guidance_probe(pipe) -> Callable[[], bool] | bool:
 @contextmanager
 def capture(pipe, mode: str = "exact", layers: str | Iterable[str] = "*", *, per_step: bool = False,
             keep_heads: bool = False, max_step_bytes: int = DEFAULT_MAX_STEP_BYTES,
-            latent_size: tuple[int, int] | int | None = None, concepts: Sequence[str] | None = None,
-            concept_kind: str | None = None, concept_template: str | None = None) -> Iterator[MapStore]:
+            latent_size: tuple[int, int] | int | None = None, step_columns: Iterable[int] | None = None,
+            per_step_dtype: torch.dtype | str = torch.float32, per_step_device: str | None = "cpu",
+            per_step_by: str = "layer", concepts: Sequence[str] | None = None, concept_kind: str | None = None,
+            concept_template: str | None = None) -> Iterator[MapStore]:
     """Record cross-attention maps of everything `pipe` generates inside the `with` block.
 
     Works on the pipelines of every family in `crossattn_sd.families` (SD 1.x/2.x, SDXL, SD3/SD3.5, FLUX.1,
@@ -207,6 +209,12 @@ def capture(pipe, mode: str = "exact", layers: str | Iterable[str] = "*", *, per
         max_step_bytes (`int`): per-step memory budget; past it per-step detail is dropped with a warning.
         latent_size (`int` or `(h, w)`, *optional*): the latent size resolution selectors refer to (image size
             // `pipe.vae_scale_factor`); default the model's `sample_size`.
+        step_columns (list of `int`, *optional*): the token columns per-step maps keep (with one more: the
+            others' sum), e.g. `tokens.prompt_columns([align_prompt(pipe.tokenizer, prompt)])`; default all.
+        per_step_dtype (`torch.dtype` or `str`): dtype of the per-step maps (float16 halves them).
+        per_step_device (`str`, *optional*): where per-step maps are kept: the CPU by default (copied from a GPU
+            without stalling it); None keeps them on the model's device.
+        per_step_by (`str`): "layer", or "resolution" to keep one per-step map per resolution (its layers summed).
         concepts (list of `str`, *optional*): words that need not be in the prompt, one word each, mapped on the
             side (the images do not change); the store's `concepts` holds their maps (`crossattn_sd/concepts.py`).
         concept_kind (`str`, *optional*): the default concept map kind (UNet: "joint" or "concepts-only"; SD3:
@@ -221,7 +229,8 @@ def capture(pipe, mode: str = "exact", layers: str | Iterable[str] = "*", *, per
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
     store = MapStore(per_step=per_step, keep_heads=keep_heads, max_step_bytes=max_step_bytes,
-                     cfg=guidance_probe(pipe))
+                     cfg=guidance_probe(pipe), step_columns=step_columns, per_step_dtype=per_step_dtype,
+                     per_step_device=per_step_device, per_step_by=per_step_by)
     family = family_of(pipe)
     everything = all(sel.strip() == "*" for sel in ([layers] if isinstance(layers, str) else list(layers)))
     if everything and not family.layers():  # no text attention at all (tiny-film's FiLM UNet): nothing to record

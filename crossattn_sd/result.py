@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .maps import MapStore, normalize, token_maps
+from .maps import MapStore, key_resolution, normalize, token_maps
 from .names import image_name
 from .tokens import PromptTokens, Word
 
@@ -212,7 +212,8 @@ class GenerationResult:
             "concepts": None if self.store.concepts is None else self.store.concepts.meta(),
             "store": {"per_step": self.store.per_step, "keep_heads": self.store.keep_heads,
                       "max_step_bytes": self.store.max_step_bytes, "steps_dropped": self.store.steps_dropped,
-                      "step_bytes": self.store.step_bytes,
+                      "step_bytes": self.store.step_bytes, "per_step_by": self.store.per_step_by,
+                      "per_step_dtype": str(self.store.per_step_dtype).removeprefix("torch."),
                       "latent_hw": None if self.store.latent_hw is None else list(self.store.latent_hw),
                       "layer_shapes": {l: list(self.store.layer_shape(l)) for l in self.store.layers}},
             "versions": {"crossattn_sd": __version__, "diffusers": diffusers.__version__,
@@ -381,9 +382,14 @@ def _check_tensors(tensors: dict) -> None:
             index, _, layer = rest.partition("/")
             if not (index.isdigit() and int(index) < len(timesteps) and layer):
                 raise _Bad(f"attention.safetensors has per-step key {key[:60]!r} past its {len(timesteps)} steps")
+            if not value.is_floating_point():
+                raise _Bad(f"attention.safetensors' {key[:60]!r} is not a float tensor")
         elif kind in ("count", "order"):  # order: the layers' recording order (safetensors sorts keys)
             if value.numel() != 1:
                 raise _Bad(f"attention.safetensors' {key[:60]!r} is not one number")
+        elif kind == "step_columns":  # the token columns per-step maps keep (MapStore.step_columns)
+            if value.ndim != 1 or value.is_floating_point() or rest:
+                raise _Bad("attention.safetensors' 'step_columns' is not a 1-D list of token indices")
         elif kind not in ("sum", "heads", "timesteps") or (kind != "timesteps" and not rest):
             raise _Bad(f"attention.safetensors has an unknown tensor {key[:60]!r}")
 
@@ -406,18 +412,15 @@ def _check_store(store: MapStore, alignments: list[PromptTokens], size: tuple[in
         if store.counts.get(layer, 0) < 1:
             raise _Bad(f"layer {layer!r} has no positive count of recorded calls")
     extra = [l for l in store.head_sums if l not in store.sums] + [l for st in store.steps for l in st
-                                                                    if l not in store.sums]
+                                                                    if l not in store.sums and key_resolution(l) is None]
     if extra:
         raise _Bad(f"layer {extra[0]!r} has per-head or per-step maps but no summed map")
-    for i, step in enumerate(store.steps):
-        for layer, m in step.items():
-            if tuple(m.shape) != shapes[layer]:
-                raise _Bad(f"step {i}'s map of layer {layer!r} has shape {tuple(m.shape)}; expected {shapes[layer]}")
     images, tokens = {s[0] for s in shapes.values()}, {s[3] for s in shapes.values()}
     if images != {len(alignments)} or len(tokens) != 1:
         raise _Bad(f"the maps hold {sorted(images)} image(s) over {sorted(tokens)} tokens; expected "
                    f"{len(alignments)} image(s) and one token axis")
     (num_tokens,) = tokens
+    _check_steps(store, shapes, num_tokens)
     for i, a in enumerate(alignments):
         used = [t for w in a.words for t in w.token_indices] + [t for v in a.special_indices.values() for t in v]
         bad = [t for t in used if not 0 <= t < num_tokens]
@@ -459,6 +462,27 @@ def _check_concept_stores(concepts, store: MapStore) -> None:
                     raise _Bad(f"step {i}'s {kind!r} concept map of layer {layer!r} does not fit its summed map")
         if cs.steps and len(cs.steps) != len(store.steps):
             raise _Bad(f"the {kind!r} concept maps have {len(cs.steps)} steps; the prompt's have {len(store.steps)}")
+
+
+def _check_steps(store: MapStore, shapes: dict[str, tuple], num_tokens: int) -> None:
+    """Refuse per-step maps that do not fit the summed maps: each of a recorded layer (or, kept per resolution,
+    of a recorded layer size), of its shape, over every token or over `step_columns` and the rest's sum."""
+    columns = store.step_columns
+    if columns is not None and (list(columns) != sorted(set(columns)) or not all(0 <= c < num_tokens for c in columns)):
+        raise _Bad(f"step_columns are not distinct token indices in 0..{num_tokens - 1}")
+    width = num_tokens if columns is None else len(columns) + 1
+    sizes = {s[1:3] for s in shapes.values()}
+    kinds = {key_resolution(k) is None for step in store.steps for k in step}
+    if len(kinds) > 1:
+        raise _Bad("the per-step maps mix per-layer and per-resolution keys")
+    for i, step in enumerate(store.steps):
+        for key, m in step.items():
+            hw = key_resolution(key)
+            if hw is not None and hw not in sizes:
+                raise _Bad(f"step {i} has {hw[0]}x{hw[1]} maps, but no layer has that size")
+            n, h, w = shapes[key][:3] if hw is None else (next(iter(shapes.values()))[0], *hw)
+            if tuple(m.shape) != (n, h, w, width):
+                raise _Bad(f"step {i}'s map {key!r} has shape {tuple(m.shape)}; expected {(n, h, w, width)}")
 
 
 def load_result(folder: str | Path, *, name: str | None = None) -> GenerationResult:

@@ -186,12 +186,14 @@ def use_processor(pipe, spec: ProcessorSpec, *, prompts: list[str], steps: int, 
                   keep_heads: bool = False, max_step_bytes: int = DEFAULT_MAX_STEP_BYTES, layers="*",
                   num_images_per_prompt: int = 1, latent_size=None,
                   alignment: Callable[[str], PromptTokens] | None = None, concepts: Sequence[str] | None = None,
-                  concept_kind: str | None = None, concept_template: str | None = None) -> Iterator[MapStore]:
+                  concept_kind: str | None = None, concept_template: str | None = None,
+                  **step_options) -> Iterator[MapStore]:
     """Install `spec`'s processor on `pipe` for one call; yields the call's `MapStore`.
 
     `latent_size` ((h, w) of the call's latents) resolves resolution selectors in the layers ("16", "16x12");
     `alignment(prompt)` gives a prompt's word positions in the text sequence (default: the family's);
-    `concepts` are mapped beside the prompt's words (see `capture`)."""
+    `concepts` are mapped beside the prompt's words (see `capture`); `step_options` are the store's per-step
+    settings (`step_columns`, `per_step_dtype`, `per_step_device`, `per_step_by`: see `MapStore`)."""
     patterns = spec.layer_patterns if spec.layers != "*" else ([layers] if isinstance(layers, str) else list(layers))
     if spec.name == "default":
         if concepts:
@@ -202,19 +204,20 @@ def use_processor(pipe, spec: ProcessorSpec, *, prompts: list[str], steps: int, 
     if spec.name == "capture":
         with capture(pipe, spec.mode, patterns, per_step=per_step, keep_heads=keep_heads,
                      max_step_bytes=max_step_bytes, latent_size=latent_size, concepts=concepts,
-                     concept_kind=concept_kind, concept_template=concept_template) as store:
+                     concept_kind=concept_kind, concept_template=concept_template, **step_options) as store:
             yield store
         return
     family = family_of(pipe)
     align = alignment or (lambda p: family.text_positions(pipe, p))
     store = MapStore(per_step=per_step, keep_heads=keep_heads, max_step_bytes=max_step_bytes,
-                     cfg=guidance_probe(pipe))
+                     cfg=guidance_probe(pipe), **step_options)
     if spec.name == "uniform":
         if not family.uniform_attention:
             raise ValueError(f"the uniform processor needs cross-attention layers (UNet models); "
                              f"{family.description} has joint attention: use capture, reweight or edit there")
-        with install(family, store, uniform_factory(family, select_layers(family, patterns, latent_size)), "*",
-                     latent_size):
+        with concept_maps(pipe, family, store, concepts, concept_kind, concept_template), \
+                install(family, store, uniform_factory(family, select_layers(family, patterns, latent_size)), "*",
+                        latent_size):
             yield store
         return
     if spec.name == "reweight":

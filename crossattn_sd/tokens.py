@@ -126,6 +126,19 @@ def align_prompt(tokenizer, prompt: str, max_length: int | None = None) -> Promp
     )
 
 
+def prompt_columns(alignments) -> list[int]:
+    """The text positions that are the prompts' own tokens, over all `alignments` (`PromptTokens`): for each,
+    from its first to its last start, word or end token (punctuation between words included; padding, and
+    whatever else shares the text sequence, left out). Per-step maps keep these columns (`MapStore.step_columns`)."""
+    columns: set[int] = set()
+    for a in alignments:
+        used = [i for w in a.words for i in w.token_indices]
+        used += [*a.special_indices.get("start", ()), *a.special_indices.get("end", ())]
+        if used:
+            columns.update(range(min(used), max(used) + 1))
+    return sorted(columns)
+
+
 def misaligned_words(first: PromptTokens, second: PromptTokens) -> list[str]:
     """Words of `first` that `second` (the same prompt, another tokenizer) places at other token positions.
 

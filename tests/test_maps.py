@@ -161,7 +161,8 @@ def test_probabilities_over_all_tokens_sum_to_one(sd_pipe):
 
 
 def test_per_step_maps_average_to_the_running_mean(sd_pipe):
-    result = generate(sd_pipe, PROMPTS[0], steps=3, guidance_scale=3.0, height=32, width=48, per_step=True)
+    result = generate(sd_pipe, PROMPTS[0], steps=3, guidance_scale=3.0, height=32, width=48, per_step=True,
+                      per_step_tokens="all")
     store = result.store
     assert store.has_steps and len(store.steps) == store.num_steps == 3
     for layer in store.layers:
