@@ -240,7 +240,7 @@ def test_map_layers_is_checked():
     from crossattn_sd.config import ModelPreset
 
     assert load_presets()["tiny"].map_layers == "finest"  # measured best on the embedded model (README)
-    with pytest.raises(ValueError, match="map_layers must be one of all, finest, got 'best'"):
+    with pytest.raises(ValueError, match="map_layers must be one of all, finest, last, got 'best'"):
         ModelPreset(name="x", source="x", map_layers="best")
 
 

@@ -212,7 +212,7 @@ def test_heatmap_reads_no_path_the_client_names(server, tmp_path):
 ], ids=["text", "nan", "inf"])
 def test_a_seed_that_is_not_a_number_is_an_error_naming_it(server, seed, message):
     # Raw HTTP: gradio_client refuses to send NaN; Python's json writes it as NaN, which the server reads.
-    generate = [PROMPT, "", seed, 1, 7.5, 32, 32, "default", "exact", "capture", "", "", 0.8, False, "*"]
+    generate = [PROMPT, "", seed, 1, 7.5, 32, 32, "default", "exact", "capture", "", "", 0.8, False, "*", ""]
     assert error_text(call_raw(server, "generate", generate)) == message
     image, _, _ = Client(server, verbose=False).predict(PROMPT, seed=1, steps=1, api_name="/generate")
     assert pixels(image).shape == (32, 32, 3)  # and the server keeps serving
