@@ -246,6 +246,28 @@ def as_additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor |
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
+class PatchGrid:
+    """For a transformer whose image tokens are the latent cut in `patch` x `patch` patches, row by row (SD3,
+    Sana, Z-Image; FLUX.1's 2x2 packing is the same grid). Mix in before `Family`."""
+
+    @property
+    def patch(self) -> int:
+        return int(self.model.config.patch_size)
+
+    def token_grid(self, latent_hw, num_queries):
+        p = self.patch
+        h, w = latent_hw[0] // p, latent_hw[1] // p
+        if h * w != num_queries:
+            raise ValueError(f"cannot place {num_queries} image tokens on a {latent_hw[0]}x{latent_hw[1]} latent "
+                             f"in patches of {p}x{p}")
+        return h, w
+
+    def layer_sizes(self, latent_hw=None, names=None):
+        h, w = self.latent_hw(latent_hw)
+        p = self.patch
+        return {name: (h // p, w // p) for name in (self.layers() if names is None else names)}
+
+
 def joint_steer(probs: torch.Tensor, steering: Steering, rec: slice, heads: int, image: slice, text: slice,
                 store) -> torch.Tensor:
     """Steer joint-attention probabilities (B * heads, N, N) whose keys hold the generated image's tokens at

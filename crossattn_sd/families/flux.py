@@ -30,7 +30,7 @@ import weakref
 
 import torch
 
-from .base import Family, Recorder, Steering, additive_mask, check_mode, joint_steer, weights_kwarg
+from .base import Family, PatchGrid, Recorder, Steering, additive_mask, check_mode, joint_steer, weights_kwarg
 
 
 class FluxRecorder(Recorder):
@@ -157,7 +157,7 @@ class FluxCaptureProcessor(FluxRecorder):
             return hidden_states
 
 
-class FluxFamily(Family):
+class FluxFamily(PatchGrid, Family):
     """`FluxTransformer2DModel`: double-stream [text; image] and single-stream blocks; 2x2-packed latents."""
 
     name = "flux"
@@ -182,16 +182,9 @@ class FluxFamily(Family):
     def native_latent_size(self) -> int:
         return 128  # FluxPipeline.default_sample_size (1024 px with the VAE's factor 8)
 
-    def token_grid(self, latent_hw, num_queries):
-        h, w = latent_hw[0] // self.pack, latent_hw[1] // self.pack
-        if h * w != num_queries:
-            raise ValueError(f"cannot place {num_queries} image tokens on a {latent_hw[0]}x{latent_hw[1]} latent "
-                             f"packed in {self.pack}x{self.pack} patches")
-        return h, w
-
-    def layer_sizes(self, latent_hw=None, names=None):
-        h, w = self.latent_hw(latent_hw)
-        return {name: (h // self.pack, w // self.pack) for name in (self.layers() if names is None else names)}
+    @property
+    def patch(self) -> int:
+        return self.pack  # the grid of 2x2-packed latent patches
 
     def recorded_call(self, args, kwargs):
         """A second call on the very same latents tensor as the call before it is guidance's negative-prompt

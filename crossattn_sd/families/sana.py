@@ -24,7 +24,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .base import Family, Recorder, Steering, check_mode
+from .base import Family, PatchGrid, Recorder, Steering, check_mode
 
 
 class SanaCaptureProcessor(Recorder):
@@ -124,7 +124,7 @@ class SanaCaptureProcessor(Recorder):
         return torch.matmul(attention_probs.view(batch_size, heads, *attention_probs.shape[1:]), value)
 
 
-class SanaFamily(Family):
+class SanaFamily(PatchGrid, Family):
     """`SanaTransformer2DModel`: cross-attention `attn2` layers; maps on the patch grid (latent // patch_size)."""
 
     name = "sana"
@@ -135,19 +135,6 @@ class SanaFamily(Family):
 
     def is_text_layer(self, name: str, module) -> bool:
         return name.endswith(".attn2")  # attn1 is the linear self-attention
-
-    def token_grid(self, latent_hw, num_queries):
-        p = int(self.model.config.patch_size)
-        h, w = latent_hw[0] // p, latent_hw[1] // p
-        if h * w != num_queries:
-            raise ValueError(f"cannot place {num_queries} image tokens on a {latent_hw[0]}x{latent_hw[1]} latent "
-                             f"in patches of {p}")
-        return h, w
-
-    def layer_sizes(self, latent_hw=None, names=None):
-        h, w = self.latent_hw(latent_hw)
-        p = int(self.model.config.patch_size)
-        return {name: (h // p, w // p) for name in (self.layers() if names is None else names)}
 
     def step_input(self, args, kwargs):
         hidden_states = args[0] if args else kwargs["hidden_states"]

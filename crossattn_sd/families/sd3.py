@@ -28,7 +28,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .base import Family, Recorder, Steering, check_mode, joint_steer, weights_kwarg
+from .base import Family, PatchGrid, Recorder, Steering, check_mode, joint_steer, weights_kwarg
 
 
 class JointCaptureProcessor(Recorder):
@@ -154,7 +154,7 @@ class JointCaptureProcessor(Recorder):
         return torch.matmul(probs, value)
 
 
-class SD3Family(Family):
+class SD3Family(PatchGrid, Family):
     """`SD3Transformer2DModel`: joint [image; text] attention; maps on the patch grid (latent // patch_size)."""
 
     name = "sd3"
@@ -165,19 +165,6 @@ class SD3Family(Family):
 
     def is_text_layer(self, name: str, module) -> bool:
         return getattr(module, "add_k_proj", None) is not None  # the text projections of a joint layer
-
-    def token_grid(self, latent_hw, num_queries):
-        p = int(self.model.config.patch_size)
-        h, w = latent_hw[0] // p, latent_hw[1] // p
-        if h * w != num_queries:
-            raise ValueError(f"cannot place {num_queries} image tokens on a {latent_hw[0]}x{latent_hw[1]} latent "
-                             f"in patches of {p}")
-        return h, w
-
-    def layer_sizes(self, latent_hw=None, names=None):
-        h, w = self.latent_hw(latent_hw)
-        p = int(self.model.config.patch_size)
-        return {name: (h // p, w // p) for name in (self.layers() if names is None else names)}
 
     def step_input(self, args, kwargs):
         hidden_states = args[0] if args else kwargs["hidden_states"]

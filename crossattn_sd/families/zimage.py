@@ -25,7 +25,7 @@ import math
 
 import torch
 
-from .base import Family, Recorder, Steering, as_additive, check_mode
+from .base import Family, PatchGrid, Recorder, Steering, as_additive, check_mode
 
 SEQ_MULTI_OF = 32  # the transformer pads the image and the caption to a multiple of this (`transformer_z_image`)
 
@@ -133,7 +133,7 @@ class ZImageCaptureProcessor(Recorder):
         return output
 
 
-class ZImageFamily(Family):
+class ZImageFamily(PatchGrid, Family):
     """`ZImageTransformer2DModel`: the main layers over [image; caption]; maps on the patch grid."""
 
     name = "zimage"
@@ -170,17 +170,6 @@ class ZImageFamily(Family):
 
     def native_latent_size(self) -> int:
         return 128  # ZImagePipeline's default 1024 px with the VAE's factor 8
-
-    def token_grid(self, latent_hw, num_queries):
-        h, w = latent_hw[0] // self.patch, latent_hw[1] // self.patch
-        if h * w != num_queries:
-            raise ValueError(f"cannot place {num_queries} image tokens on a {latent_hw[0]}x{latent_hw[1]} latent "
-                             f"in patches of {self.patch}")
-        return h, w
-
-    def layer_sizes(self, latent_hw=None, names=None):
-        h, w = self.latent_hw(latent_hw)
-        return {name: (h // self.patch, w // self.patch) for name in (self.layers() if names is None else names)}
 
     def step_input(self, args, kwargs):
         names = ("x", "t", "cap_feats")
