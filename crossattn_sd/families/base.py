@@ -160,6 +160,19 @@ class Family:
         """Extra keyword arguments `generate` passes to the pipeline call."""
         return {}
 
+    # -- one denoiser call (inspecting an image) -----------------------------------------------------------
+
+    def text_conditioning(self, pipe, prompt: str, size: tuple[int, int], max_sequence_length: int | None = None
+                          ) -> dict:
+        """The denoiser's text inputs for one `prompt` and one image of `size` (H, W), without guidance, from the
+        pipeline's own `encode_prompt`: the keyword arguments `denoise` passes on."""
+        raise NotImplementedError(f"inspecting an image is not supported on {self.description} yet; use a UNet or "
+                                  "SD3 model")
+
+    def denoise(self, latents: torch.Tensor, timestep: torch.Tensor, conditioning: dict) -> torch.Tensor:
+        """One denoiser call on `latents` (B, C, h, w) at `timestep` (B,), as the pipeline's loop makes it."""
+        raise NotImplementedError(f"inspecting an image is not supported on {self.description} yet")
+
 
 def check_mode(mode: str) -> None:
     if mode not in MODES:
