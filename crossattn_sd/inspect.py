@@ -39,7 +39,8 @@ FORMATS = "PNG, JPEG, WebP, GIF, BMP or TIFF"
 
 
 def load_image(source, *, name: str | None = None) -> Image.Image:
-    """An image file (a path or a binary file object) or a PIL image as the 8-bit RGB image that is inspected.
+    """An image file (a path or a binary file object), a PIL image or a uint8 array as the 8-bit RGB image that is
+    inspected.
 
     Conversions (each documented, none silent about failure): transparency (RGBA, LA, a palette with a
     transparent colour) is composited on white; CMYK and other colour modes are converted to RGB by PIL;
@@ -53,6 +54,8 @@ def load_image(source, *, name: str | None = None) -> Image.Image:
     from PIL import ImageOps, UnidentifiedImageError
 
     label = name or (Path(source).name if isinstance(source, (str, Path)) else "the image")
+    if isinstance(source, np.ndarray):  # (H, W) or (H, W, 3 or 4) uint8, e.g. the shapes world's `render`
+        source = Image.fromarray(source)
     if isinstance(source, Image.Image):
         _check_size(source.size, label)
         return _to_rgb(source)
