@@ -37,11 +37,11 @@ from pathlib import Path
 COLUMNS = {
     "prompt": str, "negative_prompt": str, "seed": int, "steps": int, "guidance": float, "height": int,
     "width": int, "scheduler": str, "mode": str, "processor": str, "weights": str, "edit_prompt": str,
-    "inject": float, "layers": str, "per_step": bool,
+    "inject": float, "layers": str, "per_step": bool, "concepts": str, "concept_kind": str,
 }
 DEFAULTS = {"negative_prompt": None, "seed": 0, "steps": None, "guidance": None, "height": None, "width": None,
             "scheduler": "default", "mode": "exact", "processor": "capture", "weights": "", "edit_prompt": None,
-            "inject": 0.8, "layers": "*", "per_step": False}
+            "inject": 0.8, "layers": "*", "per_step": False, "concepts": "", "concept_kind": None}
 SUFFIXES = (".txt", ".jsonl", ".csv")
 INDEX = "index.jsonl"
 WORK = ".batch"  # parts/ (per-process index lines) and tmp/ (bundles being written)
@@ -81,6 +81,8 @@ def _convert(column: str, value):
     if kind is str:
         if column == "weights" and isinstance(value, dict):  # {"circle": 2} in JSON lines
             return ", ".join(f"{w}:{v}" for w, v in value.items())
+        if column == "concepts" and isinstance(value, list) and all(isinstance(c, str) for c in value):
+            return ", ".join(value)  # ["triangle", "green"] in JSON lines
         if not isinstance(value, str):
             raise ValueError(f"{column}={value!r} must be a string")
         return value
@@ -279,7 +281,7 @@ def _generate(pipe, options: dict):
     return generate(pipe, o["prompt"], negative_prompt=o["negative_prompt"], seed=o["seed"], steps=o["steps"],
                     guidance_scale=o["guidance"], height=o["height"], width=o["width"],
                     scheduler=None if o["scheduler"] == "default" else o["scheduler"], per_step=o["per_step"],
-                    processor=spec)
+                    processor=spec, concepts=o.get("concepts") or None, concept_kind=o.get("concept_kind"))
 
 
 def _publish(tmp: Path, final: Path) -> None:

@@ -39,6 +39,13 @@ def _add_run_options(p: argparse.ArgumentParser, *, device_default: str) -> None
     p.add_argument("--layers", default="*", help="cross-attention layers the processor goes on, comma-separated: "
                    "glob patterns of layer names ('up_blocks.*') or map resolutions ('16': longer side 16, '16x12')")
     p.add_argument("--per-step", action="store_true", help="also keep per-step maps (timelines, step ranges)")
+    p.add_argument("--concept", dest="concepts", action="append", default=None, metavar="WORD",
+                   help="also map this word, which need not be in the prompt (repeatable; one word each); the image "
+                   "is the same as without it")
+    p.add_argument("--concept-kind", default=None, choices=("joint", "concepts-only", "output", "attention"),
+                   help="the concept maps written as maps.npz and overlays: UNet joint (softmax over the prompt and "
+                   "the concepts) or concepts-only; SD3 output (ConceptAttention) or attention (default: the "
+                   "model's)")
     p.add_argument("--device", default=None, help=f"cuda, mps or cpu (default: {device_default})")
     p.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"),
                    help="model dtype (default: float16 on CUDA for real checkpoints, else float32)")
@@ -59,7 +66,8 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
 def _add_batch_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompts", type=Path, help="prompt file: .txt (one prompt a line), .jsonl or .csv with columns "
                    "prompt, negative_prompt, seed, steps, guidance, height, width, scheduler, mode, processor, "
-                   "weights, edit_prompt, inject, layers, per_step (the options below are every row's defaults)")
+                   "weights, edit_prompt, inject, layers, per_step, concepts, concept_kind (the options below are "
+                   "every row's defaults)")
     p.add_argument("--out", required=True, type=Path, help="output folder: a bundle folder per row and index.jsonl "
                    "(a rerun into the same folder skips finished rows)")
     _add_run_options(p, device_default="this process's accelerate device")
@@ -198,6 +206,11 @@ def check_generation_args(args):
         raise ValueError(f"unknown --cmap {args.cmap!r}; use one of {', '.join(CMAPS)}")
     if args.scheduler not in SCHEDULERS:
         raise ValueError(f"unknown --scheduler {args.scheduler!r}; use one of {', '.join(SCHEDULERS)}")
+    from .concepts import check_concepts
+
+    check_concepts(args.concepts, _preset_vocabulary(args))  # an empty, repeated or unknown --concept
+    if args.concepts and args.processor == "default":
+        raise ValueError("--concept needs maps; the default processor records none (use --processor capture)")
     return _spec(args)  # the ProcessorSpec; refuses bad weights, a missing edit prompt, inject out of range
 
 
@@ -241,6 +254,11 @@ def write_outputs(result, out: Path, words=None, alpha: float = 0.5, cmap: str =
             path = out / (f"overlay-{safe_name(word)}.png" if i == 0 else f"overlay-{i}-{safe_name(word)}.png")
             blend(result.images[i], result.heatmap(word, image_index=i), alpha, cmap).save(path)
             paths.append(path)
+        for concept, m in result.concept_maps(i).items():  # the result's default concept kind
+            name = f"overlay-concept-{safe_name(concept)}.png"
+            path = out / (name if i == 0 else name.replace("overlay-", f"overlay-{i}-", 1))
+            blend(result.images[i], m, alpha, cmap).save(path)
+            paths.append(path)
     return paths
 
 
@@ -259,6 +277,14 @@ def _library_truncation_notes_off():
     finally:
         diffusers_logging.set_verbosity(saved[0])
         transformers_logging.set_verbosity(saved[1])
+
+
+def _preset_vocabulary(args) -> tuple[str, ...]:
+    """The closed vocabulary of the preset --model names (the embedded models'), else ()."""
+    from .config import EMBEDDED, load_presets
+
+    preset = load_presets().get(EMBEDDED_PRESET.name if args.model in (None, EMBEDDED) else args.model)
+    return preset.vocabulary if preset else ()
 
 
 def _vocabulary_note(args) -> None:
@@ -288,7 +314,9 @@ def _run_generate(args, spec, pipe=None):
             result = generate(pipe, args.prompt, negative_prompt=args.negative_prompt, seed=args.seed,
                               steps=args.steps, guidance_scale=args.guidance, height=args.height, width=args.width,
                               scheduler=None if args.scheduler == "default" else args.scheduler,
-                              per_step=args.per_step, processor=spec, progress=progress)
+                              per_step=args.per_step, processor=spec, progress=progress,
+                              concepts=args.concepts if spec.name != "default" else None,
+                              concept_kind=args.concept_kind)
     finally:
         if bar is not None:
             bar.close()
@@ -386,7 +414,9 @@ def cmd_serve(args) -> int:
 def cmd_batch(args) -> int:
     from .batch import COLUMNS, process_state, read_rows, run_batch, summary_text
 
-    rows = read_rows(args.prompts, {c: getattr(args, c) for c in COLUMNS if c != "prompt"})  # before any loading
+    defaults = {c: getattr(args, c) for c in COLUMNS if c != "prompt"}
+    defaults["concepts"] = ", ".join(args.concepts or ())  # every row's concepts (a row's column replaces them)
+    rows = read_rows(args.prompts, defaults)  # before any loading
     cpu = True if args.device == "cpu" else None
     state = process_state(cpu)  # first: accelerate may set the thread count of CPU processes
     if args.threads:

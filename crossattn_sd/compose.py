@@ -122,6 +122,11 @@ class CaptureWrapper(torch.nn.Module, Recorder):
             query, key, mask = text_query_key(attn, hidden_states, text, attention_mask, kwargs.get("temb"))
         rec = self.store.conditional(query.shape[0])
         self.store.record_attention(self.layer, query[rec], key[rec], None if mask is None else mask[rec], attn.scale)
+        if getattr(self.store, "concepts", None) is not None:  # words not in the prompt (crossattn_sd/concepts.py)
+            from .families.unet import record_concepts
+
+            record_concepts(self.store.concepts, self.layer, attn, query[rec], key[rec],
+                            None if mask is None else mask[rec], attn.scale)
         return out
 
 

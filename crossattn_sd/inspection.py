@@ -100,8 +100,8 @@ class Entry:
 
     @property
     def words(self) -> list[str]:
-        """The distinct words (lower case), in order: the word chips."""
-        return list(dict.fromkeys(w.lower() for w in self.prompt_words))
+        """The distinct words (lower case), in order, then the concepts that are not prompt words: the word chips."""
+        return list(dict.fromkeys([w.lower() for w in self.prompt_words] + [c.lower() for c in self.result.concepts]))
 
 
 @dataclass(frozen=True)
@@ -321,8 +321,10 @@ class MapInspector:
                        colorbar=[f"#{r:02x}{g:02x}{b:02x}" for r, g, b in colours])
         if grid:
             # 128-pixel tiles: the UI shows the grid about 420 pixels high, and larger images only cost PNG time.
-            view.grid = word_grid(entry.image, result.word_maps(**kw), alpha=filters.alpha, cmap=filters.cmap,
-                                  min_tile=128)
+            maps = {**{c.lower(): m for c, m in result.concept_maps(**kw).items()},
+                    **result.word_maps(**kw)}  # a prompt word before a concept
+            view.grid = word_grid(entry.image, {w: maps[w] for w in entry.words}, alpha=filters.alpha,
+                                  cmap=filters.cmap, min_tile=128)
         if timeline:
             view.frames, view.animation = self._timeline(entry, word, filters)
         return view

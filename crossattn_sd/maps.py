@@ -107,6 +107,7 @@ class MapStore:
     defer_bytes: int = DEFAULT_DEFER_BYTES
     grid: Callable[[tuple[int, int], int], tuple[int, int]] | None = field(default=None, repr=False)
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    concepts: object | None = field(default=None, repr=False)  # a `concepts.Concepts` recorded beside this store
 
     latent_hw: tuple[int, int] | None = None
     sums: dict[str, torch.Tensor] = field(default_factory=dict)  # layer -> (n, h, w, T)
@@ -129,6 +130,8 @@ class MapStore:
         self.timesteps.append(float("nan") if timestep is None else float(timestep))
         if self.per_step and not self.steps_dropped:
             self.steps.append({})
+        if self.concepts is not None:  # concept maps: stores of their own, marked in step
+            self.concepts.begin_call(latent_hw, timestep, self.grid)
 
     def conditional(self, batch: int) -> slice:
         """The slice of a UNet batch whose maps are recorded: the conditional half under guidance."""
@@ -183,6 +186,8 @@ class MapStore:
 
     def flush(self) -> None:
         """Turn the queries and keys waiting from `record_attention` into maps: one batched softmax per layer."""
+        if self.concepts is not None:
+            self.concepts.flush()
         if not self._pending:
             return
         pending, self._pending, self._pending_bytes = self._pending, [], 0
@@ -330,6 +335,7 @@ class MapStore:
         out.sums = {k: v[images].clone() for k, v in self.sums.items()}
         out.head_sums = {k: v[images].clone() for k, v in self.head_sums.items()}
         out.steps = [{k: v[images].clone() for k, v in step.items()} for step in self.steps]
+        out.concepts = None if self.concepts is None else self.concepts.select_images(images)
         return out
 
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -23,6 +23,7 @@ from .families import family_of
 from .maps import DEFAULT_MAX_STEP_BYTES
 from .processors import MODES
 from .result import GenerationResult
+from .concepts import check_concepts
 from .tokens import VocabularyWarning, align_prompt, misaligned_words, vocabulary_note
 
 # Scheduler names offered by the CLI and UI -> Diffusers class name (created from the model's own config).
@@ -218,6 +219,9 @@ def generate(
     map_layers: str | None = None,
     text_part: str | None = None,
     max_sequence_length: int | None = None,
+    concepts: Sequence[str] | None = None,
+    concept_kind: str | None = None,
+    concept_template: str | None = None,
     progress: Callable[[int, int], None] | None = None,
     cancel: threading.Event | None = None,
 ) -> GenerationResult:
@@ -247,6 +251,12 @@ def generate(
         text_part (`str`, *optional*): which encoder's text positions the words index where a model has
             several in one sequence (SD3: "t5" when the pipeline has T5, else "clip"); default the first.
         max_sequence_length (`int`, *optional*): SD3's T5 length; default the preset's, else the pipeline's (256).
+        concepts (list of `str`, *optional*): words to map that need not be in the prompt, one word each
+            (`result.concepts`, `result.heatmap(concept)`); the images are bit-identical to the call without them.
+        concept_kind (`str`, *optional*): the result's default concept map kind (UNet: "joint" or
+            "concepts-only"; SD3: "output" or "attention"); default the family's (see the README).
+        concept_template (`str`, *optional*): the text each concept is encoded in, "{}" standing for it (only the
+            concept's own tokens are kept); default `concepts.DEFAULT_TEMPLATE`.
         progress (callable, *optional*): called as `progress(step, total)` after each denoising step.
         cancel (`threading.Event`, *optional*): set it to stop; `GenerationCancelled` is raised.
 
@@ -296,6 +306,7 @@ def generate(
             raise ValueError(f"{name}={value} is not a multiple of {multiple} (the VAE factor and the pipeline "
                              f"require it); use {max(lo, multiple)} or {lo + multiple}")
     spec = processor if processor is not None else ProcessorSpec("capture", mode=mode)
+    concepts = check_concepts(concepts, defaults.vocabulary)  # before anything runs
     new_scheduler = _make_scheduler(pipe, scheduler)
 
     note = vocabulary_note(spec.result_prompts(prompts), defaults.vocabulary)
@@ -333,7 +344,8 @@ def generate(
         with use_processor(pipe, spec, prompts=prompts, steps=steps, per_step=per_step, keep_heads=keep_heads,
                            max_step_bytes=max_step_bytes, layers=layers,
                            num_images_per_prompt=num_images_per_prompt,
-                           latent_size=(height // factor, width // factor), alignment=align) as store:
+                           latent_size=(height // factor, width // factor), alignment=align, concepts=concepts,
+                           concept_kind=concept_kind, concept_template=concept_template) as store:
             out = pipe(
                 prompt=call_prompts, **_negative(pipe, call_negative), num_inference_steps=steps,
                 guidance_scale=guidance_scale, height=height, width=width,
@@ -353,7 +365,9 @@ def generate(
         num_images_per_prompt=num_images_per_prompt, scheduler=scheduler or "default",
         scheduler_class=type(new_scheduler or old_scheduler).__name__, layers=layers, keep_heads=keep_heads,
         processor=spec.to_dict(), model=getattr(pipe, "crossattn_source", None) or pipe.config.get("_name_or_path"),
-        map_layers=map_layers, family=family.name, text_part=text_part, text_parts=parts,
+        map_layers=map_layers, family=family.name, text_part=text_part, text_parts=parts, concepts=concepts,
+        concept_kind=None if store.concepts is None else store.concepts.default_kind,
+        concept_template=None if store.concepts is None else store.concepts.template,
         **family.pipeline_kwargs(pipe, max_sequence_length),
     )
     return GenerationResult(images=images, alignments=alignments, store=store, settings=settings)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import fnmatch
 import inspect
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -154,7 +154,8 @@ def guidance_probe(pipe) -> Callable[[], bool] | bool:
 @contextmanager
 def capture(pipe, mode: str = "exact", layers: str | Iterable[str] = "*", *, per_step: bool = False,
             keep_heads: bool = False, max_step_bytes: int = DEFAULT_MAX_STEP_BYTES,
-            latent_size: tuple[int, int] | int | None = None) -> Iterator[MapStore]:
+            latent_size: tuple[int, int] | int | None = None, concepts: Sequence[str] | None = None,
+            concept_kind: str | None = None, concept_template: str | None = None) -> Iterator[MapStore]:
     """Record cross-attention maps of everything `pipe` generates inside the `with` block.
 
     Works on the pipelines of every family in `crossattn_sd.families` (SD 1.x/2.x, SDXL, SD3/SD3.5, FLUX.1)
@@ -171,6 +172,12 @@ def capture(pipe, mode: str = "exact", layers: str | Iterable[str] = "*", *, per
         max_step_bytes (`int`): per-step memory budget; past it per-step detail is dropped with a warning.
         latent_size (`int` or `(h, w)`, *optional*): the latent size resolution selectors refer to (image size
             // `pipe.vae_scale_factor`); default the model's `sample_size`.
+        concepts (list of `str`, *optional*): words that need not be in the prompt, one word each, mapped on the
+            side (the images do not change); the store's `concepts` holds their maps (`crossattn_sd/concepts.py`).
+        concept_kind (`str`, *optional*): the default concept map kind (UNet: "joint" or "concepts-only"; SD3:
+            "output" or "attention"); default the family's.
+        concept_template (`str`, *optional*): the text a concept is encoded in, its "{}" replaced by the concept
+            (only the concept's own tokens are kept); default `concepts.DEFAULT_TEMPLATE`.
 
     Example:
         >>> with crossattn_sd.capture(pipe) as maps:
@@ -181,6 +188,25 @@ def capture(pipe, mode: str = "exact", layers: str | Iterable[str] = "*", *, per
     store = MapStore(per_step=per_step, keep_heads=keep_heads, max_step_bytes=max_step_bytes,
                      cfg=guidance_probe(pipe))
     family = family_of(pipe)
-    with install(family, store, lambda s, layer, original: family.processor(s, layer, mode, original), layers,
-                 latent_size):
+    with concept_maps(pipe, family, store, concepts, concept_kind, concept_template), \
+            install(family, store, lambda s, layer, original: family.processor(s, layer, mode, original), layers,
+                    latent_size):
         yield store
+
+
+@contextmanager
+def concept_maps(pipe, family: Family, store: MapStore, concepts: Sequence[str] | None,
+                 kind: str | None = None, template: str | None = None) -> Iterator[object]:
+    """Record the concepts (checked, then encoded by `pipe`'s text encoder) beside `store`; nothing without them."""
+    from .concepts import check_concepts
+
+    defaults = getattr(pipe, "crossattn_defaults", None)
+    names = check_concepts(concepts, getattr(defaults, "vocabulary", None) or ())
+    if not names:
+        yield None
+        return
+    if not is_pipeline(pipe):
+        raise ValueError(f"concepts need the pipeline's text encoder; pass the pipeline, not its bare "
+                         f"{type(pipe).__name__}")
+    with family.concept_recorder(pipe, store, names, kind, template) as recorded:
+        yield recorded

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,17 +66,29 @@ class GenerationResult:
         return list(self.alignments[0].dropped_words)
 
     @property
+    def concepts(self) -> list[str]:
+        """The concepts mapped beside the prompt's words (`generate(..., concepts=...)`), in the order given."""
+        return [] if self.store.concepts is None else list(self.store.concepts.names)
+
+    @property
+    def concept_kinds(self) -> list[str]:
+        """The concept map kinds recorded, the default first ([] without concepts)."""
+        c = self.store.concepts
+        return [] if c is None else [c.default_kind] + [k for k in c.kinds if k != c.default_kind]
+
+    @property
     def size(self) -> tuple[int, int]:
         """(H, W) of the images."""
         return self.images[0].height, self.images[0].width
 
     def heatmap(self, word: str, *, image_index: int = 0, steps=None, resolutions=None, layers=None,
                 occurrence: int | None = None, head: int | None = None, normalize_by: str = "minmax",
-                ) -> np.ndarray:
+                kind: str | None = None) -> np.ndarray:
         """Where `word` drew attention: a float32 (H, W) map of the image, values in [0, 1].
 
         Args:
-            word (`str`): a word of the prompt (case-insensitive), or "<start>" / "<end>".
+            word (`str`): a word of the prompt (case-insensitive), "<start>" / "<end>", or a concept (a prompt
+                word comes first when a concept is also a prompt word; `kind` picks the concept).
             image_index (`int`): which image (for prompt lists or several images per prompt).
             steps (range or list of `int`, *optional*): denoising steps to average (needs `per_step=True`).
             resolutions (list, *optional*): map sizes to use; an int matches a layer whose longer side is it,
@@ -85,13 +98,23 @@ class GenerationResult:
             occurrence (`int`, *optional*): for a word used several times, pick one (0-based); default sums all.
             head (`int`, *optional*): one attention head (needs `keep_heads=True`); default: mean of heads.
             normalize_by (`str`): "minmax" (default), "max", or "none" (raw summed probabilities).
+            kind (`str`, *optional*): a concept map kind (`concept_kinds`); given, `word` is read as a concept.
+                Default: the result's default kind for a concept.
 
         Raises:
-            ValueError: the word is not in the prompt (the message lists the prompt's words), or a filter
+            ValueError: the word is neither in the prompt nor a concept (the message lists both), or a filter
                 selects nothing.
         """
         return self._heatmaps([word], image_index=image_index, steps=steps, resolutions=resolutions,
-                              layers=layers, occurrence=occurrence, head=head, normalize_by=normalize_by)[0]
+                              layers=layers, occurrence=occurrence, head=head, normalize_by=normalize_by,
+                              kind=kind)[0]
+
+    def concept_maps(self, image_index: int = 0, kind: str | None = None, **filters) -> dict[str, np.ndarray]:
+        """Every concept's heat map for one image (`heatmap(concept, kind=kind, ...)` for each), in one pass."""
+        if not self.concepts:
+            return {}
+        return dict(zip(self.concepts, self._heatmaps(self.concepts, image_index=image_index,
+                                                      kind=self.store.concepts.kind(kind), **filters)))
 
     def default_resolutions(self) -> list[tuple[int, int]] | None:
         """The map sizes a heat map uses when no layer or resolution is asked for: None (every layer) unless
@@ -117,25 +140,46 @@ class GenerationResult:
 
     def _heatmaps(self, words: list[str], *, image_index: int = 0, steps=None, resolutions=None, layers=None,
                   occurrence: int | None = None, head: int | None = None, normalize_by: str = "minmax",
-                  ) -> list[np.ndarray]:
+                  kind: str | None = None) -> list[np.ndarray]:
         if not 0 <= image_index < len(self.images):
             raise ValueError(f"image_index={image_index} is out of range; there are {len(self.images)} image(s)")
         alignment = self.alignments[image_index]
-        groups = [alignment.indices_of(word, occurrence) for word in words]
+        concepts = self.store.concepts
+        if kind is not None and concepts is None:
+            raise ValueError(f"kind={kind!r} reads a concept map, but this result has no concepts (generate with "
+                             "concepts=[...])")
+        kind = None if kind is None else concepts.kind(kind)
+        where: list[tuple[str, list[int]]] = []  # (store: "prompt" or a concept kind, token indices) per word
+        for word in words:
+            if kind is None:
+                try:
+                    where.append(("prompt", alignment.indices_of(word, occurrence)))
+                    continue
+                except ValueError as err:
+                    if concepts is None or not concepts.has(word):
+                        if concepts is not None:
+                            raise ValueError(f"{err}; the concepts are: {', '.join(map(repr, concepts.names))}") from None
+                        raise
+            where.append((kind or concepts.default_kind, concepts.indices_of(word)))
         if layers is None and resolutions is None:
             resolutions = self.default_resolutions()
         box = self.map_box()
         size = self.size if box is None else box[2:]
-        maps = token_maps(self.store, groups, size, image_index=image_index, layers=layers,
-                          resolutions=resolutions, steps=_steps_arg(steps), head=head)
-        maps = [normalize(m, normalize_by).numpy().astype(np.float32) for m in maps]
+        out: list[np.ndarray | None] = [None] * len(words)
+        for source in dict.fromkeys(src for src, _ in where):
+            store = self.store if source == "prompt" else concepts.stores[source]
+            picked = [i for i, (src, _) in enumerate(where) if src == source]
+            maps = token_maps(store, [where[i][1] for i in picked], size, image_index=image_index,
+                              layers=layers, resolutions=resolutions, steps=_steps_arg(steps), head=head)
+            for i, m in zip(picked, maps):
+                out[i] = normalize(m, normalize_by).numpy().astype(np.float32)
         if box is not None and tuple(size) != self.size:  # an image the model saw cropped: no map outside the crop
             top, left, h, w = box
-            canvas = np.zeros((len(maps), *self.size), dtype=np.float32)
-            for c, m in zip(canvas, maps):
-                c[top:top + h, left:left + w] = m
-            maps = list(canvas)
-        return maps
+            for i, m in enumerate(out):
+                canvas = np.zeros(self.size, dtype=np.float32)
+                canvas[top:top + h, left:left + w] = m
+                out[i] = canvas
+        return out
 
     def map_box(self) -> tuple[int, int, int, int] | None:
         """Where the maps lie on the image, (top, left, height, width): the region of an inspected image that
@@ -159,6 +203,7 @@ class GenerationResult:
             "settings": self.settings,
             "model": self.settings.get("model"),
             "alignments": [_alignment_to_dict(a) for a in self.alignments],
+            "concepts": None if self.store.concepts is None else self.store.concepts.meta(),
             "store": {"per_step": self.store.per_step, "keep_heads": self.store.keep_heads,
                       "max_step_bytes": self.store.max_step_bytes, "steps_dropped": self.store.steps_dropped,
                       "step_bytes": self.store.step_bytes,
@@ -191,8 +236,13 @@ class GenerationResult:
                     break
                 for word, m in self.word_maps(i).items():
                     arrays[word if i == 0 else f"{i}/{word}"] = m
+                for concept, m in self.concept_maps(i).items():  # the default kind
+                    arrays[f"concept/{concept}" if i == 0 else f"{i}/concept/{concept}"] = m
             np.savez_compressed(folder / "maps.npz", **arrays)
-        save_file(self.store.state_dict(), str(folder / "attention.safetensors"))
+        tensors = self.store.state_dict()
+        if self.store.concepts is not None:
+            tensors.update(self.store.concepts.state_dict())
+        save_file(tensors, str(folder / "attention.safetensors"))
         meta["sha256"] = {name: _sha256(folder / name)
                           for name in ("attention.safetensors", *map(image_name, range(len(self.images))))}
         (folder / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
@@ -275,10 +325,43 @@ def _check_meta(meta) -> None:
                 _expect(w.get(key), int, f"{where}.words[{j}].{key}")
             for k, t in enumerate(_expect(w.get("token_indices"), list, f"{where}.words[{j}].token_indices")):
                 _expect(t, int, f"{where}.words[{j}].token_indices[{k}]")
+    concepts = meta.get("concepts")
+    if concepts is not None:  # absent in bundles saved before concept maps
+        _expect(concepts, dict, "concepts")
+        names = _expect(concepts.get("names"), list, "concepts.names")
+        groups = _expect(concepts.get("token_groups"), list, "concepts.token_groups")
+        kinds = _expect(concepts.get("kinds"), list, "concepts.kinds")
+        for j, n in enumerate(names):
+            _expect(n, str, f"concepts.names[{j}]")
+        for j, k in enumerate(kinds):
+            if not isinstance(k, str) or not re.fullmatch(r"[a-z][a-z-]*", k):
+                raise _Bad(f"concepts.kinds[{j}] is {json.dumps(k, default=str)[:40]}; expected a kind's name")
+        for j, g in enumerate(groups):
+            for k, t in enumerate(_expect(g, list, f"concepts.token_groups[{j}]")):
+                _expect(t, int, f"concepts.token_groups[{j}][{k}]")
+        if concepts.get("template") is not None:
+            _expect(concepts["template"], str, "concepts.template")
+        if not names or len(groups) != len(names) or not kinds or concepts.get("default_kind") not in kinds:
+            raise _Bad("concepts has no names, a token group per name, kinds and a default kind among them")
     sha = meta.get("sha256")
     if sha is not None:  # absent in bundles saved before checksums were written
         for name, digest in _expect(sha, dict, "sha256").items():
             _expect(digest, str, f"sha256.{name}")
+
+
+def _split_concepts(tensors: dict, meta: dict) -> tuple[dict, dict]:
+    """(the call's store's tensors, the concept stores' "concept/<kind>/..." tensors), each kind checked."""
+    concepts = meta.get("concepts")
+    kinds = set(concepts["kinds"]) if concepts else set()
+    own = {k: v for k, v in tensors.items() if not k.startswith("concept/")}
+    theirs = {k: v for k, v in tensors.items() if k.startswith("concept/")}
+    for kind in kinds:
+        prefix = f"concept/{kind}/"
+        _check_tensors({k[len(prefix):]: v for k, v in theirs.items() if k.startswith(prefix)})
+    stray = [k for k in theirs if k.split("/")[1] not in kinds]
+    if stray:
+        raise _Bad(f"attention.safetensors has concept maps {stray[0][:60]!r} that meta.json does not list")
+    return own, theirs
 
 
 def _check_tensors(tensors: dict) -> None:
@@ -367,6 +450,30 @@ def _check_inspected(inspected, size: tuple[int, int], settings: dict) -> tuple[
     return (_expect(settings.get("height"), int, "settings.height"), _expect(settings.get("width"), int, "settings.width"))
 
 
+def _check_concept_stores(concepts, store: MapStore) -> None:
+    """Refuse concept maps that do not go with the call's maps: the same layers, images and map sizes, and a
+    token axis holding every concept's columns."""
+    needed = max((t for g in concepts.token_groups for t in g), default=-1) + 1
+    for kind, cs in concepts.stores.items():
+        if list(cs.sums) != list(store.sums):
+            raise _Bad(f"the {kind!r} concept maps cover other layers than the prompt's maps")
+        for layer, m in cs.sums.items():
+            if m.ndim != 4 or tuple(m.shape[:3]) != tuple(store.sums[layer].shape[:3]) or m.shape[3] < needed:
+                raise _Bad(f"the {kind!r} concept map of layer {layer!r} has shape {tuple(m.shape)}; expected "
+                           f"{tuple(store.sums[layer].shape[:3])} and at least {needed} concept tokens")
+            if cs.counts.get(layer, 0) < 1:
+                raise _Bad(f"the {kind!r} concept map of layer {layer!r} has no positive count")
+            h = cs.head_sums.get(layer)
+            if h is not None and (h.ndim != 5 or (h.shape[0], *h.shape[2:]) != m.shape):
+                raise _Bad(f"the per-head {kind!r} concept map of layer {layer!r} has shape {tuple(h.shape)}")
+        for i, step in enumerate(cs.steps):
+            for layer, m in step.items():
+                if layer not in cs.sums or m.shape != cs.sums[layer].shape:
+                    raise _Bad(f"step {i}'s {kind!r} concept map of layer {layer!r} does not fit its summed map")
+        if cs.steps and len(cs.steps) != len(store.steps):
+            raise _Bad(f"the {kind!r} concept maps have {len(cs.steps)} steps; the prompt's have {len(store.steps)}")
+
+
 def load_result(folder: str | Path, *, name: str | None = None) -> GenerationResult:
     """Read a result written by `GenerationResult.save`, checked as a whole before any use.
 
@@ -393,11 +500,16 @@ def load_result(folder: str | Path, *, name: str | None = None) -> GenerationRes
                 raise _Bad(f"{name_} is not the file meta.json describes (the files come from different runs)")
         store_meta = meta["store"]
         tensors = load_file(str(folder / "attention.safetensors"))
+        tensors, concept_tensors = _split_concepts(tensors, meta)
         _check_tensors(tensors)
-        store = MapStore.from_state_dict(
-            tensors,
-            per_step=store_meta["per_step"], keep_heads=store_meta["keep_heads"],
-            max_step_bytes=store_meta["max_step_bytes"])
+        settings = dict(per_step=store_meta["per_step"], keep_heads=store_meta["keep_heads"],
+                        max_step_bytes=store_meta["max_step_bytes"])
+        store = MapStore.from_state_dict(tensors, **settings)
+        if meta.get("concepts"):
+            from .concepts import Concepts
+
+            store.concepts = Concepts.from_saved(meta["concepts"], concept_tensors, **settings)
+            _check_concept_stores(store.concepts, store)
         store.steps_dropped = store_meta["steps_dropped"]
         store.step_bytes = int(store_meta.get("step_bytes", 0))  # (absent from bundles written before 0.1.0's end)
         latent_hw = store_meta.get("latent_hw")

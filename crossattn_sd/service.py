@@ -93,6 +93,7 @@ class GenerateRequest:
     inject: float = 0.8  # edit: fraction of steps that use the source's maps
     per_step: bool | None = None
     processor_layers: str = "*"  # layers the processor goes on: glob patterns or resolutions ("16"), comma-separated
+    concepts: str = ""  # words to map beside the prompt's, comma-separated (need not be in the prompt)
 
 
 
@@ -234,7 +235,7 @@ class AttentionService(MapInspector):
     def _check(self, req: GenerateRequest) -> GenerateRequest:
         """Fill in the preset's defaults and refuse what the UI does not offer (ValueError, naming the fix)."""
         d = self.defaults()
-        for name in ("prompt", "negative_prompt", "edit_prompt", "processor_layers"):
+        for name in ("prompt", "negative_prompt", "edit_prompt", "processor_layers", "concepts"):
             text = getattr(req, name)
             if not isinstance(text, str):
                 raise ValueError(f"{name} must be text")
@@ -265,6 +266,10 @@ class AttentionService(MapInspector):
             raise ValueError(f"guidance={req.guidance} is out of range; use 0..{MAX_GUIDANCE:g}")
         if req.scheduler not in d.schedulers:
             raise ValueError(f"unknown scheduler {req.scheduler!r}; use one of {', '.join(d.schedulers)}")
+        from .concepts import check_concepts
+
+        if check_concepts(req.concepts, self.preset.vocabulary) and req.processor == "default":
+            raise ValueError("concepts need maps, and the default processor records none; pick capture")
         return dataclasses.replace(req, seed=int(req.seed), steps=int(req.steps), width=int(req.width),
                                    height=int(req.height), guidance=float(req.guidance))
 
@@ -305,6 +310,7 @@ class AttentionService(MapInspector):
             self._generating.release()
 
     def _generate(self, req: GenerateRequest, flag: threading.Event, progress) -> Entry:
+        from .concepts import check_concepts
         from .pipeline import GenerationCancelled, generate
 
         spec = self._spec(req)
@@ -317,7 +323,8 @@ class AttentionService(MapInspector):
                 self.pipe, req.prompt, negative_prompt=req.negative_prompt or None, seed=req.seed, steps=req.steps,
                 guidance_scale=req.guidance, height=req.height, width=req.width, mode=spec.mode,
                 per_step=req.per_step, scheduler=None if req.scheduler == "default" else req.scheduler,
-                keep_heads=True, processor=spec, map_layers=self.preset.map_layers, progress=progress, cancel=flag)
+                keep_heads=True, processor=spec, map_layers=self.preset.map_layers, progress=progress, cancel=flag,
+                concepts=check_concepts(req.concepts) or None)
             seconds = time.perf_counter() - start
         if flag.is_set():  # stopped after its last step: the caller was told it stopped; keep nothing
             raise GenerationCancelled("generation was cancelled")
@@ -369,7 +376,8 @@ class AttentionService(MapInspector):
         total = 2 * req.steps
         flag = cancel if cancel is not None else self.run_flag(session)
         try:
-            a = self._generate(dataclasses.replace(req, processor=baseline, weights="", edit_prompt=""), flag,
+            a = self._generate(dataclasses.replace(req, processor=baseline, weights="", edit_prompt="",
+                                                   concepts=req.concepts if baseline != "default" else ""), flag,
                                progress and (lambda i, n: progress(i, total)))
             b = self._generate(req, flag, progress and (lambda i, n: progress(req.steps + i, total)))
         finally:
@@ -506,4 +514,11 @@ class AttentionService(MapInspector):
             kept["inject"] = float(inject)
         if isinstance(per_step, bool):
             kept["per_step"] = per_step
+        concepts = s.get("concepts")
+        if isinstance(concepts, list) and all(isinstance(c, str) for c in concepts):
+            try:  # the model's checks (a closed vocabulary)
+                self._check(dataclasses.replace(base, concepts=", ".join(concepts)))
+                kept["concepts"] = ", ".join(concepts)
+            except ValueError:
+                pass
         return kept

@@ -32,7 +32,8 @@ import torch
 
 from .families import Steering, family_of
 from .maps import DEFAULT_MAX_STEP_BYTES, MapStore
-from .processors import MODES, CaptureProcessor, capture, cross_attention_layers, guidance_probe, install
+from .processors import (MODES, CaptureProcessor, capture, concept_maps, cross_attention_layers, guidance_probe,
+                         install)
 from .tokens import PromptTokens
 
 PROCESSORS = ("default", "capture", "reweight", "edit")
@@ -175,18 +176,24 @@ def edit_token_map(source: PromptTokens, edit: PromptTokens) -> torch.Tensor:
 def use_processor(pipe, spec: ProcessorSpec, *, prompts: list[str], steps: int, per_step: bool = False,
                   keep_heads: bool = False, max_step_bytes: int = DEFAULT_MAX_STEP_BYTES, layers="*",
                   num_images_per_prompt: int = 1, latent_size=None,
-                  alignment: Callable[[str], PromptTokens] | None = None) -> Iterator[MapStore]:
+                  alignment: Callable[[str], PromptTokens] | None = None, concepts: Sequence[str] | None = None,
+                  concept_kind: str | None = None, concept_template: str | None = None) -> Iterator[MapStore]:
     """Install `spec`'s processor on `pipe` for one call; yields the call's `MapStore`.
 
     `latent_size` ((h, w) of the call's latents) resolves resolution selectors in the layers ("16", "16x12");
-    `alignment(prompt)` gives a prompt's word positions in the text sequence (default: the family's)."""
+    `alignment(prompt)` gives a prompt's word positions in the text sequence (default: the family's);
+    `concepts` are mapped beside the prompt's words (see `capture`)."""
     patterns = spec.layer_patterns if spec.layers != "*" else ([layers] if isinstance(layers, str) else list(layers))
     if spec.name == "default":
+        if concepts:
+            raise ValueError("the default processor records no maps, so it cannot map concepts; use capture (or "
+                             "leave concepts out)")
         yield MapStore()
         return
     if spec.name == "capture":
         with capture(pipe, spec.mode, patterns, per_step=per_step, keep_heads=keep_heads,
-                     max_step_bytes=max_step_bytes, latent_size=latent_size) as store:
+                     max_step_bytes=max_step_bytes, latent_size=latent_size, concepts=concepts,
+                     concept_kind=concept_kind, concept_template=concept_template) as store:
             yield store
         return
     family = family_of(pipe)
@@ -203,7 +210,8 @@ def use_processor(pipe, spec: ProcessorSpec, *, prompts: list[str], steps: int, 
         mapping = edit_token_map(align(prompts[0]), align(spec.edit_prompt))
         steering = Steering(token_map=mapping, inject_calls=round(float(spec.inject) * steps))
     factory = lambda s, layer, original: family.processor(s, layer, spec.mode, original, steering)  # noqa: E731
-    with install(family, store, factory, patterns, latent_size):
+    with concept_maps(pipe, family, store, concepts, concept_kind, concept_template), \
+            install(family, store, factory, patterns, latent_size):
         yield store
 
 

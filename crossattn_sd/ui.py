@@ -46,7 +46,8 @@ DISPLAY_SIDE = 256  # the clickable map panels are sent at least this large (the
 NO_LAYER = ("No layer is ticked, so there is no map to draw: tick a resolution (it ticks its layers) or a "
             "layer.")
 SETTINGS = ("prompt", "negative_prompt", "seed", "steps", "guidance", "width", "height", "scheduler", "mode",
-            "processor", "weights", "edit_prompt", "inject", "per_step", "processor_layers")  # the Generate inputs
+            "processor", "weights", "edit_prompt", "inject", "per_step", "processor_layers",
+            "concepts")  # the Generate inputs
 INSPECT_CONCURRENCY = 4  # inspection handlers running at once; generation always runs one at a time
 THEME = gr.themes.Soft(primary_hue="indigo", neutral_hue="slate",
                        font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
@@ -208,26 +209,28 @@ class Handlers:
 
     @staticmethod
     def request(prompt, negative_prompt, seed, steps, guidance, width, height, scheduler, mode, processor, weights,
-                edit_prompt, inject, per_step, processor_layers) -> GenerateRequest:
+                edit_prompt, inject, per_step, processor_layers, concepts="") -> GenerateRequest:
         return GenerateRequest(prompt=prompt or "", negative_prompt=negative_prompt or "",
                                seed=0 if seed is None else seed, steps=steps, guidance=guidance, width=width,
                                height=height, scheduler=scheduler, mode=mode, processor=processor,
                                weights=weights or "", edit_prompt=edit_prompt or "", inject=inject, per_step=per_step,
-                               processor_layers=processor_layers or "*")
+                               processor_layers=processor_layers or "*", concepts=concepts or "")
 
     @_user_errors
     async def generate(self, prompt: str, negative_prompt: str = "", seed: int = 0, steps: int | None = None,
                  guidance: float | None = None, width: int | None = None, height: int | None = None,
                  scheduler: str = "default", mode: str = "exact", processor: str = "capture", weights: str = "",
                  edit_prompt: str = "", inject: float = 0.8, per_step: bool | None = None,
-                 processor_layers: str = "*", history=None, request: gr.Request = None, progress=gr.Progress()):
-        """Generate an image and record every word's cross-attention maps.
+                 processor_layers: str = "*", concepts: str = "", history=None, request: gr.Request = None,
+                 progress=gr.Progress()):
+        """Generate an image and record every word's cross-attention maps (and the concepts', comma-separated
+        words that need not be in the prompt).
 
         Returns the image, the prompt's words and a zip bundle (image.png, maps.npz, meta.json,
         attention.safetensors) that /heatmap reads.
         """
         req = self.request(prompt, negative_prompt, seed, steps, guidance, width, height, scheduler, mode,
-                           processor, weights, edit_prompt, inject, per_step, processor_layers)
+                           processor, weights, edit_prompt, inject, per_step, processor_layers, concepts)
         note = self.service.vocabulary_note(req)
         if note:  # shown at once, while the run goes on: the user may want to see what such words do
             gr.Warning(note[0].upper() + note[1:] + ".", title="Unknown words")
@@ -239,11 +242,11 @@ class Handlers:
 
     @_user_errors
     async def compare(self, prompt, negative_prompt, seed, steps, guidance, width, height, scheduler, mode, processor,
-                weights, edit_prompt, inject, per_step, processor_layers="*", baseline: str = "capture", history=None,
-                request: gr.Request = None, progress=gr.Progress()):
+                weights, edit_prompt, inject, per_step, processor_layers="*", concepts: str = "",
+                baseline: str = "capture", history=None, request: gr.Request = None, progress=gr.Progress()):
         """The same prompt and seed with a baseline processor (A) and the chosen processor (B)."""
         req = self.request(prompt, negative_prompt, seed, steps, guidance, width, height, scheduler, mode,
-                           processor, weights, edit_prompt, inject, per_step, processor_layers)
+                           processor, weights, edit_prompt, inject, per_step, processor_layers, concepts)
         session = _session(request)
         cmp = await self._run(session, lambda flag: self.service.compare(
             req, baseline, session=session, progress=_progress(progress), cancel=flag))
@@ -618,6 +621,10 @@ def build_demo(service: AttentionService) -> gr.Blocks:
             with gr.Column(scale=4, min_width=340):
                 prompt = gr.Textbox(label="Prompt", lines=2, max_length=d.max_prompt_chars, elem_id="prompt",
                                     placeholder=d.examples[0] if d.examples else "describe the image")
+                concepts = gr.Textbox("", label="Concepts", max_length=d.max_prompt_chars, elem_id="concepts",
+                                      placeholder="triangle, green",
+                                      info="more words to map, comma-separated; they need not be in the prompt, "
+                                           "and the image stays the same")
                 with gr.Row():
                     gen_btn = gr.Button("Generate", variant="primary", scale=3, elem_id="generate")
                     stop_btn = gr.Button("Stop", variant="stop", scale=1, elem_id="stop")
@@ -725,7 +732,7 @@ def build_demo(service: AttentionService) -> gr.Blocks:
 
         # -- wiring ------------------------------------------------------------------------------------------
         settings_in = [prompt, negative, seed, steps, guidance, width, height, scheduler, mode, processor, weights,
-                       edit_prompt, inject, per_step, processor_layers]
+                       edit_prompt, inject, per_step, processor_layers, concepts]
         filters_in = [layers, resolutions, step_from, step_to, head, alpha, cmap]
         inspect_out = [overlay, heat, summary, colorbar, grid, frames, gif]
         show_out = [status, word, layers, resolutions, step_from, step_to, head, gallery, settings, readout, words,

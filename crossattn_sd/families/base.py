@@ -156,6 +156,13 @@ class Family:
     def text_positions(self, pipe, prompt: str, part: str | None = None, max_sequence_length: int | None = None):
         raise NotImplementedError
 
+    def concept_recorder(self, pipe, store, names: list[str], kind: str | None = None, template: str | None = None):
+        """A context manager that records maps of the words `names` (checked by `concepts.check_concepts`) beside
+        `store` while the pipeline runs, leaving its output unchanged; it yields the call's `concepts.Concepts`.
+        `kind` is the result's default concept map kind (None: the family's default); `template` the text each
+        concept is encoded in (None: `concepts.DEFAULT_TEMPLATE`)."""
+        raise ValueError(f"concept maps are not available for {self.description} yet; leave concepts out")
+
     def pipeline_kwargs(self, pipe, max_sequence_length: int | None = None) -> dict:
         """Extra keyword arguments `generate` passes to the pipeline call."""
         return {}

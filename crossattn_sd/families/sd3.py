@@ -211,6 +211,12 @@ class SD3Family(Family):
     def processor(self, store, layer, mode="exact", original=None, steering=None):
         return JointCaptureProcessor(store, layer, mode, steering)
 
+    def concept_recorder(self, pipe, store, names, kind=None, template=None):
+        """ConceptAttention's concept stream through the joint blocks (`concepts_sd3.py`)."""
+        from .concepts_sd3 import concept_recorder
+
+        return concept_recorder(self, pipe, store, names, kind, template)
+
     # -- text ----------------------------------------------------------------------------------------------
 
     def text_parts(self, pipe) -> list[str]:

@@ -15,6 +15,7 @@ probabilities, or in "exact" mode the queries and keys they come from). In "exac
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -107,6 +108,11 @@ class CaptureProcessor(Recorder):
             key = attn.norm_k(key)
 
         rec = self.store.conditional(batch_size)  # images whose maps are kept
+        concepts = getattr(self.store, "concepts", None)
+        if concepts is not None:  # words not in the prompt, on the side (crossattn_sd/concepts.py)
+            concept_mask = None if attention_mask is None else (
+                attention_mask.view(batch_size, heads, -1, attention_mask.shape[-1])[rec])
+            record_concepts(concepts, self.layer, attn, query[rec], key[rec], concept_mask, attn.scale)
         steering = self.steering
         if self.mode == "exact" and not (steering is not None and steering.needs_probs(self.store)):
             sdpa_mask = None
@@ -141,6 +147,37 @@ class CaptureProcessor(Recorder):
             hidden_states = hidden_states + residual
         hidden_states = hidden_states / attn.rescale_output_factor
         return hidden_states
+
+
+CONCEPT_KINDS = ("joint", "concepts-only")
+
+
+def record_concepts(concepts, layer: str, attn, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None,
+                    scale: float) -> None:
+    """Record the recorded images' queries (n, heads, Nq, d) against the concepts' keys, beside the prompt's
+    `key` (n, heads, T, d) and additive `mask` (n, heads, 1 or Nq, T): "joint", the softmax over the prompt's
+    tokens and the concepts (the concept columns kept); "concepts-only", the softmax over the concepts alone.
+    Nothing here reaches the layer's output. A layer's concept keys are computed once per call (the concept
+    states do not change between steps)."""
+    with torch.no_grad():
+        concept_key = concepts.cache.get(layer)
+        if concept_key is None:
+            states = concepts.states.to(device=key.device, dtype=attn.to_k.weight.dtype)
+            if attn.norm_cross:
+                states = attn.norm_encoder_hidden_states(states)
+            concept_key = attn.to_k(states)
+            concept_key = concept_key.view(1, -1, attn.heads, key.shape[-1]).transpose(1, 2)  # (1, heads, Tc, d)
+            if attn.norm_k is not None:
+                concept_key = attn.norm_k(concept_key)
+            concepts.cache[layer] = concept_key
+        concept_key = concept_key.to(key.dtype).expand(query.shape[0], -1, -1, -1)
+        stores = concepts.stores
+        if "joint" in stores:
+            joint_mask = None if mask is None else F.pad(mask, (0, concept_key.shape[2]))
+            stores["joint"].record_attention(layer, query, torch.cat([key, concept_key], dim=2), joint_mask, scale,
+                                             columns=(key.shape[2], None))
+        if "concepts-only" in stores:
+            stores["concepts-only"].record_attention(layer, query, concept_key, None, scale)
 
 
 def _weights_kwarg(steering: Steering | None) -> dict:
@@ -207,6 +244,35 @@ class UNetFamily(Family):
         from ..compose import unet_processor
 
         return unet_processor(store, layer, mode, original, steering)
+
+    @contextmanager
+    def concept_recorder(self, pipe, store, names, kind=None, template=None):
+        """Encode the concepts with the pipeline's own `encode_prompt` (SDXL: both encoders, joined per token, as
+        the prompt is) and record them beside `store` in every recording processor (`record_concepts`)."""
+        from ..concepts import (DEFAULT_TEMPLATE, Concepts, attach, check_template, concept_text,
+                                concept_token_positions)
+
+        kind = CONCEPT_KINDS[0] if kind is None else kind
+        if kind not in CONCEPT_KINDS:
+            raise ValueError(f"concept map kind {kind!r} is not one of this model's: {', '.join(CONCEPT_KINDS)}")
+        template = check_template(DEFAULT_TEMPLATE if template is None else template)
+        positions = [concept_token_positions(pipe.tokenizer, c, template) for c in names]
+        tokenizer_2 = getattr(pipe, "tokenizer_2", None)
+        for c, p in zip(names, positions):
+            if tokenizer_2 is not None and concept_token_positions(tokenizer_2, c, template) != p:
+                raise ValueError(f"the two tokenizers split concept {c!r} differently; give another word")
+        with torch.no_grad():
+            embeds = pipe.encode_prompt(prompt=[concept_text(c, template) for c in names],
+                                        device=pipe._execution_device, num_images_per_prompt=1,
+                                        do_classifier_free_guidance=False)[0]  # (concepts, T, dim)
+        states = torch.cat([embeds[i, list(p)] for i, p in enumerate(positions)])[None]  # (1, Tc, dim)
+        groups, start = [], 0
+        for p in positions:
+            groups.append(tuple(range(start, start + len(p))))
+            start += len(p)
+        attach(store, Concepts.like(store, names, groups, CONCEPT_KINDS, states, default_kind=kind,
+                                    template=template))
+        yield store.concepts
 
     def text_positions(self, pipe, prompt, part=None, max_sequence_length=None):
         """The first tokenizer's positions (SDXL joins its two encoders' states position by position)."""
