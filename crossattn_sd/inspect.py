@@ -28,8 +28,8 @@ import torch
 from PIL import Image
 
 from .families import family_of
-from .maps import DEFAULT_MAX_STEP_BYTES
-from .processors import MODES, capture
+from .maps import DEFAULT_MAX_STEP_BYTES, MapStore
+from .processors import MODES, concept_maps, install
 from .result import GenerationResult
 
 MAX_PIXELS = 2048 * 2048  # larger images are refused: every word's map is drawn at the image's own size
@@ -176,7 +176,8 @@ def inspect_image(pipe, image, prompt: str, *, concepts: Sequence[str] = (), t: 
                   seed: int = 0, fit: str = "resize", height: int | None = None, width: int | None = None,
                   mode: str = "exact", layers: str | Sequence[str] = "*", per_step: bool = False,
                   keep_heads: bool = False, max_step_bytes: int = DEFAULT_MAX_STEP_BYTES, map_layers: str | None = None,
-                  text_part: str | None = None, max_sequence_length: int | None = None) -> GenerationResult:
+                  text_part: str | None = None, max_sequence_length: int | None = None, concept_kind: str | None = None,
+                  concept_template: str | None = None) -> GenerationResult:
     """Where each word of a caption lands on an image the model did not make (see the module docstring).
 
     Args:
@@ -184,7 +185,8 @@ def inspect_image(pipe, image, prompt: str, *, concepts: Sequence[str] = (), t: 
             model; SD3/SD3.5 and tiny-mmdit), e.g. from `load_pipeline()`.
         image: a PIL image, or an image file (path or binary file object), read by `load_image`.
         prompt (`str`): the caption whose words are mapped.
-        concepts (list of `str`): words not in the caption to map too (passed on to the capture).
+        concepts (list of `str`): words to map that need not be in the caption, one word each
+            (`result.heatmap(concept)`, as in `generate`); they do not change the denoiser's call.
         t (`float`): the noise level, in (0, 1]: 1 is pure noise (nothing of the image is left), small values
             keep the image almost intact. 0.5 by default.
         passes (`int`): denoiser calls, each on fresh noise; their maps are averaged (1..32).
@@ -192,24 +194,25 @@ def inspect_image(pipe, image, prompt: str, *, concepts: Sequence[str] = (), t: 
         fit (`str`): "resize" (the whole image, stretched to the model's size) or "crop" (the centred region of
             the model's aspect); the maps are drawn on the original image either way.
         height, width (`int`, *optional*): the size the model sees; default the preset's generation size.
-        mode, layers, per_step, keep_heads, max_step_bytes, map_layers, text_part, max_sequence_length: as in
-            `generate` (per_step keeps each pass's maps).
+        mode, layers, per_step, keep_heads, max_step_bytes, map_layers, text_part, max_sequence_length,
+            concept_kind, concept_template: as in `generate` (per_step keeps each pass's maps).
 
     Returns:
         `GenerationResult` whose image is the (RGB) uploaded image; `settings["inspect"]` records t, the timestep,
         the passes, the fit, the image's size and the box the model saw (`result.map_box()`).
     """
+    from .concepts import check_concepts
     from .config import MAP_LAYERS, GenerationDefaults
     from .pipeline import _check_int, native_size, size_multiple
 
     t, passes = check_inspect_args(prompt, t, passes, fit)
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
-    concepts = _check_concepts(concepts)
     seed = _check_int("seed", seed, 0, 2**63 - 1)
-    image = load_image(image)
     family = family_of(pipe)
     defaults = getattr(pipe, "crossattn_defaults", None) or GenerationDefaults()
+    concepts = check_concepts(concepts, defaults.vocabulary)  # before anything runs
+    image = load_image(image)
     map_layers = defaults.map_layers if map_layers is None else map_layers
     if map_layers not in MAP_LAYERS:
         raise ValueError(f"map_layers={map_layers!r} is not a map view; use one of {', '.join(MAP_LAYERS)}")
@@ -236,8 +239,12 @@ def inspect_image(pipe, image, prompt: str, *, concepts: Sequence[str] = (), t: 
     latents = encode_image(pipe, image, (height, width), box).to(family.model.dtype)
     generator = torch.Generator(device="cpu").manual_seed(seed)
     timestep = None
-    with capture(family.model, mode, layers, per_step=per_step, keep_heads=keep_heads, max_step_bytes=max_step_bytes,
-                 latent_size=tuple(latents.shape[-2:])) as store:
+    # capture()'s pieces with an all-conditional batch: capture(pipe) would ask the pipeline whether its last call
+    # used guidance, and this call is not the pipeline's
+    store = MapStore(per_step=per_step, keep_heads=keep_heads, max_step_bytes=max_step_bytes, cfg=False)
+    factory = lambda s, layer, original: family.processor(s, layer, mode, original)  # noqa: E731
+    with concept_maps(pipe, family, store, concepts, concept_kind, concept_template), \
+            install(family, store, factory, layers, tuple(latents.shape[-2:])):
         for _ in range(passes):
             noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
             noisy, timestep = noised(pipe, latents, t, noise.to(latents.device, latents.dtype))
@@ -249,18 +256,12 @@ def inspect_image(pipe, image, prompt: str, *, concepts: Sequence[str] = (), t: 
         scheduler_class=type(scheduler).__name__, layers=layers, keep_heads=keep_heads,
         processor={"name": "capture", "mode": mode, "weights": [], "edit_prompt": None, "inject": 0.8, "layers": "*"},
         model=getattr(pipe, "crossattn_source", None) or pipe.config.get("_name_or_path"), map_layers=map_layers,
-        family=family.name, text_part=text_part, text_parts=parts, **family.pipeline_kwargs(pipe, max_sequence_length),
+        family=family.name, text_part=text_part, text_parts=parts, concepts=concepts,
+        concept_kind=None if store.concepts is None else store.concepts.default_kind,
+        concept_template=None if store.concepts is None else store.concepts.template,
+        **family.pipeline_kwargs(pipe, max_sequence_length),
         inspect=dict(t=t, timestep=float(timestep[0]), passes=passes, fit=fit, image_size=[image.height, image.width],
-                     box=list(box), concepts=list(concepts)),
+                     box=list(box)),
     )
     return GenerationResult(images=[image], alignments=[alignment], store=store, settings=settings)
 
-
-def _check_concepts(concepts) -> list[str]:
-    """The concepts as a list of words; concept maps come with the concepts branch (until then: an error)."""
-    if isinstance(concepts, str):
-        concepts = [concepts]
-    concepts = [c.strip() for c in concepts or () if isinstance(c, str) and c.strip()]
-    if concepts:
-        raise ValueError("concept maps are not available in this build; map the caption's own words")
-    return concepts

@@ -64,6 +64,7 @@ def test_upload_inspect_pick_a_word_filter_and_export(page, service, tmp_path):
     page.locator("#inspect-file input[type=file]").set_input_files(str(path))
     page.locator("#inspect-preview img").wait_for()
     page.locator("#inspect-prompt textarea").fill(CAPTION)
+    page.locator("#inspect-concepts textarea, #inspect-concepts input").first.fill("triangle")
     old = src(page, "#overlay")
     page.locator("#inspect-run").click()
     wait_changed(page, "#overlay", old)  # the result opens on the Heat map tab
@@ -71,13 +72,13 @@ def test_upload_inspect_pick_a_word_filter_and_export(page, service, tmp_path):
     np.testing.assert_array_equal(shown(page, "#image"), pixels(path))  # the uploaded image itself
     chips = page.locator("#word-chips input")
     assert [chips.nth(i).get_attribute("value") for i in range(chips.count())] == \
-        ["a", "red", "circle", "on", "the", "left", "and", "blue", "square", "right"]
+        ["a", "red", "circle", "on", "the", "left", "and", "blue", "square", "right", "triangle"]  # the concept last
     assert "inspected an uploaded 128×128 image · t 0.5" in page.locator("#status").inner_text()
 
     old = src(page, "#map")
     page.locator("#word-chips").get_by_text("square", exact=True).click()
     wait_changed(page, "#map", old)
-    expected = inspect_image(service.pipe, pixels(path), CAPTION)
+    expected = inspect_image(service.pipe, pixels(path), CAPTION, concepts=["triangle"])
     heat = shown(page, "#map")[::2, ::2]  # sent enlarged x2 (256 px); the map is 128 x 128
     np.testing.assert_array_equal(heat, colorize(expected.heatmap("square"), DEFAULT_CMAP))
     assert iou(region(expected.heatmap("square")), object_mask(SCENE.objects[1], 128)) > 0.6  # on the square
@@ -103,8 +104,11 @@ def test_a_file_that_is_not_an_image_is_one_line_and_keeps_the_result(page, tmp_
     page.get_by_role("tab", name="Inspect an image").click()
     page.locator("#inspect-file").get_by_label("Clear").first.click()  # the earlier upload's file goes
     page.locator("#inspect-file input[type=file]").set_input_files(str(bad))
-    page.get_by_text("the uploaded file is not an image this app can read").first.wait_for()
+    message = page.get_by_text("the uploaded file is not an image this app can read")
+    message.first.wait_for()  # said at once, by the preview
+    page.locator(".toast-close").first.click()
+    message.first.wait_for(state="hidden")
     page.locator("#inspect-prompt textarea").fill(CAPTION)
     page.locator("#inspect-run").click()
-    page.get_by_text("the uploaded file is not an image this app can read").nth(1).wait_for()
+    message.first.wait_for()  # and again by Inspect
     assert src(page, "#overlay") == before  # the earlier result is still on show

@@ -9,6 +9,12 @@ generated images: the held-out captions are generated (through the batch engine,
 is inspected with its caption, and the masks are its objects' pixels (their colour in their named half, as
 `eval-tiny` scores them); the generation's own maps are scored too.
 
+Concepts: each image is inspected a second time with its caption stripped of its shape words ("a red on the left
+and a blue on the right") and the scene's shape names as concepts (`inspect_image(..., concepts=[...])`); each
+concept map kind (UNet: "joint", "concepts-only"; SD3: ConceptAttention's "output" and the raw "attention") is
+scored against the mask of the object(s) of that shape. ("background" is no concept of the embedded models: it is
+not in their closed vocabulary.)
+
     crossattn-sd eval-seg --n 144
     crossattn-sd eval-seg --model tiny-mmdit --n 144 --json seg-mmdit.json
 """
@@ -28,13 +34,13 @@ import numpy as np
 
 from ..cli import HelpFormatter
 from .evaluate import captions, gaussian_map, iou, object_mask as generated_mask, region
-from .world import Scene, object_mask, place, render
+from .world import SHAPES, Scene, object_mask, place, render
 
 THRESHOLDS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "0.4max": region,  # DAAM: the map's region is where it reaches 0.4 x its maximum
     "mean": lambda m: m >= m.mean() if m.max() > 0 else np.zeros(m.shape, bool),  # ConceptAttention
 }
-KINDS = ("colour", "shape")
+KINDS = ("colour", "shape", "concept")
 SOURCES = ("rendered", "generated, inspected", "generated (its own maps)")
 
 
@@ -83,12 +89,45 @@ class Scores:
                     for thr, cut in THRESHOLDS.items():
                         self.add(f"{source}/{kind}/{name}/{thr}", iou(cut(m), masks[i]))
 
+    def score_concepts(self, source: str, result, kinds, masks: list[np.ndarray]) -> None:
+        """Every shape concept of one result (inspected on the shape-less caption) against the mask of the objects
+        of that shape, for each concept map kind, with the baselines."""
+        h, w = result.size
+        baselines = {"uniform": np.ones((h, w)), "gaussian": gaussian_map(h, w)}
+        for concept in result.concepts:
+            mask = np.zeros((h, w), bool)
+            for (_, shape, _), m in zip(kinds, masks):
+                if shape == concept:
+                    mask |= m
+            if not mask.any():
+                continue
+            for kind in result.concept_kinds:
+                m = result.heatmap(concept, kind=kind)
+                for thr, cut in THRESHOLDS.items():
+                    self.add(f"{source}/concept/{kind}/{thr}", iou(cut(m), mask))
+            for name, m in baselines.items():
+                for thr, cut in THRESHOLDS.items():
+                    self.add(f"{source}/concept/{name}/{thr}", iou(cut(m), mask))
+
     def summary(self) -> dict:
         return {key: {"miou": float(np.mean(v)), "n": len(v)} for key, v in sorted(self.iou.items())}
 
 
+def shapeless(caption: str) -> str:
+    """The caption without its shape words: where the shapes are given only as concepts."""
+    return " ".join(w for w in caption.split() if w not in SHAPES)
+
+
+def inspect_concepts(pipe, image, caption: str, kinds, t: float, passes: int, seed: int):
+    """`image` inspected on the shape-less caption with the scene's shape names as concepts."""
+    from ..inspect import inspect_image
+
+    shapes = list(dict.fromkeys(s for _, s, _ in kinds))
+    return inspect_image(pipe, image, shapeless(caption), concepts=shapes, t=t, passes=passes, seed=seed)
+
+
 def evaluate(pipe, n: int = 144, seed: int = 0, t: float = 0.5, passes: int = 1, generated: bool = True,
-             out: str | Path | None = None, progress: bool = True) -> dict:
+             out: str | Path | None = None, progress: bool = True, concepts: bool = True) -> dict:
     """Score rendered held-out scenes (and, if `generated`, generated images of the same captions); returns the
     summary (see `format_summary`). `out` keeps the generated bundles (a rerun skips them)."""
     from ..inspect import inspect_image
@@ -99,19 +138,23 @@ def evaluate(pipe, n: int = 144, seed: int = 0, t: float = 0.5, passes: int = 1,
     for k, (text, kinds, noise_seed) in enumerate(items):
         scene = scene_of(kinds, noise_seed)
         result = inspect_image(pipe, render(scene), text, t=t, passes=passes, seed=noise_seed)
-        scores.score("rendered", result, kinds, [object_mask(o) for o in scene.objects])
+        masks = [object_mask(o) for o in scene.objects]
+        scores.score("rendered", result, kinds, masks)
+        if concepts:
+            scores.score_concepts("rendered", inspect_concepts(pipe, render(scene), text, kinds, t, passes,
+                                                               noise_seed), kinds, masks)
         if progress and (k + 1) % 24 == 0:
             print(f"eval-seg: {k + 1}/{len(items)} rendered scenes", file=sys.stderr)
     seconds = {"rendered": time.perf_counter() - start}
     if generated:
         start = time.perf_counter()
-        _generated(pipe, items, scores, t, passes, out, progress)
+        _generated(pipe, items, scores, t, passes, out, progress, concepts)
         seconds["generated"] = time.perf_counter() - start
     return {"n": len(items), "t": t, "passes": passes, "scores": scores.summary(), "seconds": seconds,
             "model": getattr(pipe, "crossattn_source", None)}
 
 
-def _generated(pipe, items, scores: Scores, t: float, passes: int, out, progress: bool) -> None:
+def _generated(pipe, items, scores: Scores, t: float, passes: int, out, progress: bool, concepts: bool) -> None:
     """Generate the captions through the batch engine, then inspect each image and score both its inspection's
     maps and the generation's own maps."""
     from ..batch import make_rows, run_batch
@@ -131,6 +174,9 @@ def _generated(pipe, items, scores: Scores, t: float, passes: int, out, progress
             scores.score("generated (its own maps)", made, kinds, masks)
             inspected = inspect_image(pipe, made.images[0], text, t=t, passes=passes, seed=noise_seed)
             scores.score("generated, inspected", inspected, kinds, masks)
+            if concepts:
+                scores.score_concepts("generated, inspected", inspect_concepts(
+                    pipe, made.images[0], text, kinds, t, passes, noise_seed), kinds, masks)
 
 
 def format_summary(s: dict) -> str:
@@ -167,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--t", type=float, default=0.5, help="noise level of the inspection, in (0, 1]")
     p.add_argument("--passes", type=int, default=1, help="inspection passes per image, averaged")
     p.add_argument("--no-generated", action="store_true", help="score rendered scenes only")
+    p.add_argument("--no-concepts", action="store_true", help="score prompt words only (no concept inspections)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--json", default=None, help="also write the summary to this JSON file")
     p.add_argument("--out", default=None, type=Path,
@@ -197,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.model not in load_presets():  # a training export: the defaults of the preset of its kind
         kind = "tiny-mmdit" if family_of(pipe).name == "sd3" else "tiny"
         pipe.crossattn_defaults = GenerationDefaults.from_preset(get_preset(kind))
-    summary = evaluate(pipe, args.n, args.seed, args.t, args.passes, not args.no_generated, args.out)
+    summary = evaluate(pipe, args.n, args.seed, args.t, args.passes, not args.no_generated, args.out,
+                       concepts=not args.no_concepts)
     summary["settings"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "json"}
     print(format_summary(summary))
     if args.json:
