@@ -81,7 +81,10 @@ def _add_inspect_args(p: argparse.ArgumentParser) -> None:
                    "pixels; transparency on white, an animation's first frame)")
     p.add_argument("--prompt", required=True, help="the caption whose words are mapped (quote it)")
     p.add_argument("--concept", action="append", default=[], metavar="WORD",
-                   help="also map this word, not in the caption (repeatable)")
+                   help="also map this word, which need not be in the caption (repeatable): overlay-concept-<word>.png")
+    p.add_argument("--concept-kind", default=None, choices=("joint", "concepts-only", "output", "attention"),
+                   help="the concept maps written: UNet joint or concepts-only; SD3 output (ConceptAttention) or "
+                        "attention (default: the model's default kind)")
     p.add_argument("--t", type=float, default=0.5, help="noise level in (0, 1]: 1 is pure noise")
     p.add_argument("--passes", type=int, default=1, help="denoiser calls on fresh noise, averaged (1..32)")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise")
@@ -339,7 +342,10 @@ def cmd_inspect(args) -> int:
     from .inspect import check_inspect_args, inspect_image, load_image
     from .overlay import CMAPS
 
+    from .concepts import check_concepts
+
     check_inspect_args(args.prompt, args.t, args.passes, args.fit)  # before the model loads
+    check_concepts(args.concept, _preset_vocabulary(args))
     if not 0 <= args.alpha <= 1:
         raise ValueError(f"alpha={args.alpha} is out of range; use 0..1")
     if args.cmap not in CMAPS:
@@ -356,7 +362,8 @@ def cmd_inspect(args) -> int:
     with _library_truncation_notes_off(), warnings.catch_warnings():
         warnings.simplefilter("ignore", VocabularyWarning)  # said before the model loaded
         result = inspect_image(pipe, image, args.prompt, concepts=args.concept, t=args.t, passes=args.passes,
-                               seed=args.seed, fit=args.fit, height=args.height, width=args.width)
+                               seed=args.seed, fit=args.fit, height=args.height, width=args.width,
+                               concept_kind=args.concept_kind)
     for w in args.word or ():
         result.alignments[0].indices_of(w)  # raises ValueError naming the word and the prompt's words
     out = args.out or args.image.with_name(f"{args.image.stem}-maps")

@@ -24,13 +24,16 @@ def scene_png(tmp_path):
 
 def test_inspect_writes_the_bundle_with_the_image_itself(scene_png, tmp_path, capsys):
     out = tmp_path / "maps"
-    assert main(["inspect", str(scene_png), "--prompt", CAPTION, "--out", str(out), "--word", "circle"]) == 0
+    assert main(["inspect", str(scene_png), "--prompt", CAPTION, "--out", str(out), "--word", "circle",
+                 "--concept", "triangle"]) == 0
     assert "wrote" in capsys.readouterr().out
     with Image.open(out / "image.png") as im, Image.open(scene_png) as original:
         assert im.size == (96, 96) and np.array_equal(np.asarray(im), np.asarray(original.convert("RGB")))
     with np.load(out / "maps.npz") as maps:
         assert maps["circle"].shape == (96, 96) and "square" in maps.files
-    assert sorted(p.name for p in out.glob("overlay-*.png")) == ["overlay-circle.png"]
+    assert sorted(p.name for p in out.glob("overlay-*.png")) == ["overlay-circle.png", "overlay-concept-triangle.png"]
+    with np.load(out / "maps.npz") as maps:
+        assert maps["concept/triangle"].shape == (96, 96)
     meta = json.loads((out / "meta.json").read_text())
     assert meta["settings"]["inspect"]["t"] == 0.5 and meta["settings"]["inspect"]["image_size"] == [96, 96]
     assert load_result(out).heatmap("circle").shape == (96, 96)
@@ -50,6 +53,8 @@ def test_inspect_defaults_its_folder_next_to_the_image(scene_png):
     (["--passes", "0"], "passes=0 is out of range"),
     (["--alpha", "2"], "alpha=2.0 is out of range"),
     (["--word", "zebra"], "'zebra'"),
+    (["--concept", "dog"], "concept 'dog' is not a word this model knows"),
+    (["--concept", " "], "a concept is empty"),
 ])
 def test_bad_values_exit_2_with_one_line(scene_png, tmp_path, capsys, extra, named):
     argv = ["inspect", str(scene_png), "--prompt", CAPTION, "--out", str(tmp_path / "o"), *extra]
