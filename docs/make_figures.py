@@ -8,7 +8,8 @@ Writes
     docs/images/reweight.png  a prompt and seed with capture and with a re-weighted word
     docs/images/edit.png      prompt-to-prompt colour swap: source, edit with injected maps, edit prompt alone
     docs/images/words-mmdit.png  (--joint) the same caption and seed on tiny-mmdit, its joint-attention maps
-    docs/images/inspect.png   (--inspect) an uploaded image (a rendered scene, 3x the model's size) and its words' maps
+    docs/images/inspect.png   (--inspect) an uploaded image (a rendered scene, 3x the model's size), its words' maps
+                              and its shapes' maps given only as concepts
 and prints what the pixel judge (crossattn_sd/tiny/judge.py) says of each image, so the captions of the
 figures in the README state measured facts.
 """
@@ -64,11 +65,20 @@ def inspect_figure(args) -> int:
     result = crossattn_sd.inspect_image(pipe, image, caption, t=0.5, passes=4, seed=args.seed)
     words = ["green", "triangle", "top", "yellow", "circle", "bottom"]
     maps = result.word_maps()
-    grid(image, {w: maps[w] for w in words}, columns=7, min_tile=192).save(args.out / "inspect.png")
-    masks = {o.colour: object_mask(o, 192) for o in scene.objects}
-    scores = ", ".join(f"{w} {iou(region(maps[w]), masks['green' if k < 3 else 'yellow']):.2f}"
+    # the shapes again, named only as concepts, on the caption without them
+    bare = "a green on the top and a yellow on the bottom"
+    named = crossattn_sd.inspect_image(pipe, image, bare, concepts=["triangle", "circle"], t=0.5, passes=4,
+                                       seed=args.seed)
+    concept_maps = named.concept_maps()
+    tiles = {**{w: maps[w] for w in words}, **{f"concept {c}": m for c, m in concept_maps.items()}}
+    grid(image, tiles, columns=9, min_tile=192).save(args.out / "inspect.png")
+    masks = {o.shape: object_mask(o, 192) for o in scene.objects}
+    scores = ", ".join(f"{w} {iou(region(maps[w]), masks['triangle' if k < 3 else 'circle']):.2f}"
                        for k, w in enumerate(words))
     print(f"inspect.png  {caption!r} on a 192x192 rendered scene, t 0.5, 4 passes; IoU with the object: {scores}")
+    print(f"             concepts on {bare!r} ({named.concept_kinds[0]} kind): " + ", ".join(
+        f"{c} {iou(region(m), masks[c]):.2f} (other object {iou(region(m), masks[next(k for k in masks if k != c)]):.2f})"
+        for c, m in concept_maps.items()))
     return 0
 
 
