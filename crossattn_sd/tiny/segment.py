@@ -204,6 +204,27 @@ def format_summary(s: dict) -> str:
     return "\n".join(lines)
 
 
+def format_markdown(s: dict) -> str:
+    """The summary as the README's Markdown table: a row per source, word kind and map kind; each threshold's mIoU
+    and its ratio to the best baseline (uniform or centred Gaussian) at that threshold."""
+    scores = s["scores"]
+    found = list(dict.fromkeys(k.split("/")[0] for k in scores))
+    lines = ["| images | words | map kind | mIoU, 0.4 x max | / best baseline | mIoU, mean | / best baseline | n |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for source in [x for x in SOURCES if x in found]:
+        for kind in KINDS:
+            names = list(dict.fromkeys(k.split("/")[2] for k in scores if k.startswith(f"{source}/{kind}/")))
+            for name in (x for x in names if x not in ("uniform", "gaussian")):
+                cells = []
+                for thr in THRESHOLDS:
+                    got = scores[f"{source}/{kind}/{name}/{thr}"]
+                    best = max(scores[f"{source}/{kind}/{b}/{thr}"]["miou"] for b in ("uniform", "gaussian"))
+                    cells += [f"{got['miou']:.3f}", f"{got['miou'] / best:.2f}x"]
+                words = {"colour": "colour", "shape": "shape", "concept": "shape, as a concept"}[kind]
+                lines.append(f"| {source} | {words} | {name} | {' | '.join(cells)} | {got['n']} |")
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="crossattn-sd eval-seg", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--model", default=None, help="a preset (tiny, tiny-mmdit) or a training export folder (with "
@@ -216,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-concepts", action="store_true", help="score prompt words only (no concept inspections)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--json", default=None, help="also write the summary to this JSON file")
+    p.add_argument("--markdown", action="store_true", help="print the summary as the README's Markdown table")
     p.add_argument("--out", default=None, type=Path,
                    help="keep the generated bundles and index.jsonl here (a rerun skips them); default: a temporary "
                         "folder")
@@ -247,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = evaluate(pipe, args.n, args.seed, args.t, args.passes, not args.no_generated, args.out,
                        concepts=not args.no_concepts)
     summary["settings"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "json"}
-    print(format_summary(summary))
+    print(format_markdown(summary) if args.markdown else format_summary(summary))
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2))
     return 0
