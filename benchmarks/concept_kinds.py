@@ -1,4 +1,5 @@
-"""Which concept map kind localises better on the embedded UNet model: "joint" or "concepts-only"?
+"""Which concept map kind localises better on the embedded models: "joint" or "concepts-only" (the UNet),
+"output" (ConceptAttention) or "attention" (tiny-mmdit)?
 
 Held-out two-object scenes of the shapes world, two ways:
 
@@ -15,6 +16,7 @@ ConceptAttention's (>= the map's mean), in the model's default view (16x16 layer
 Gaussian baselines.
 
     python benchmarks/concept_kinds.py --n 72
+    python benchmarks/concept_kinds.py --n 72 --model tiny-mmdit
 """
 
 from __future__ import annotations
@@ -30,9 +32,7 @@ import crossattn_sd
 from crossattn_sd.result import GenerationResult
 from crossattn_sd.tiny.evaluate import captions, gaussian_map, iou, object_mask as generated_mask, region
 from crossattn_sd.tiny.world import caption as scene_caption, heldout_scenes, object_mask, render
-from crossattn_sd.tokens import align_prompt
 
-KINDS = ("joint", "concepts-only")
 SHAPES = ["circle", "square", "triangle"]
 COLOURS = ["red", "green", "blue", "yellow"]
 
@@ -42,22 +42,36 @@ def mean_region(m: np.ndarray) -> np.ndarray:
 
 
 def inspect_pass(pipe, image: np.ndarray, caption: str, concepts: list[str], t: float, seed: int, template: str):
-    """One UNet pass on the VAE-encoded image noised to time t, inside capture: a GenerationResult."""
-    from diffusers import DDPMScheduler
+    """One denoiser pass on the VAE-encoded image noised to time t, inside capture: a GenerationResult."""
     from PIL import Image
 
-    noiser = DDPMScheduler.from_config(pipe.scheduler.config)
+    from crossattn_sd.families import family_of
+
     x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 127.5 - 1
+    family = family_of(pipe)
     with torch.no_grad():
-        latent = pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor
+        latent = pipe.vae.encode(x).latent_dist.mean
+        latent = (latent - (pipe.vae.config.shift_factor or 0.0)) * pipe.vae.config.scaling_factor
         noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(seed))
-        timestep = torch.tensor([round(t * noiser.config.num_train_timesteps) - 1])
-        noisy = noiser.add_noise(latent, noise, timestep)
-        states = pipe.encode_prompt(caption, "cpu", 1, False)[0]
-        with crossattn_sd.capture(pipe, concepts=concepts, concept_template=template) as store:
-            pipe.unet(noisy, timestep, encoder_hidden_states=states)
-    return GenerationResult([Image.fromarray(image)], [align_prompt(pipe.tokenizer, caption)], store,
-                            settings={"map_layers": "finest"})
+        if family.name == "unet":
+            from diffusers import DDPMScheduler
+
+            noiser = DDPMScheduler.from_config(pipe.scheduler.config)
+            timestep = torch.tensor([round(t * noiser.config.num_train_timesteps) - 1])
+            noisy = noiser.add_noise(latent, noise, timestep)
+            states = pipe.encode_prompt(caption, "cpu", 1, False)[0]
+            with crossattn_sd.capture(pipe, concepts=concepts, concept_template=template) as store:
+                pipe.unet(noisy, timestep, encoder_hidden_states=states)
+        else:  # rectified flow (SD3): x_t = (1 - t) x_0 + t noise, timestep = 1000 t
+            noisy = (1 - t) * latent + t * noise
+            states, _, pooled, _ = pipe.encode_prompt(caption, None, None, device="cpu",
+                                                      do_classifier_free_guidance=False, max_sequence_length=0)
+            with crossattn_sd.capture(pipe, concepts=concepts, concept_template=template) as store:
+                pipe.transformer(hidden_states=noisy, timestep=torch.tensor([1000.0 * t]),
+                                 encoder_hidden_states=states, pooled_projections=pooled)
+    alignment = family.text_positions(pipe, caption, None, 0 if family.name != "unet" else None)
+    return GenerationResult([Image.fromarray(image)], [alignment], store,
+                            settings={"map_layers": getattr(pipe.crossattn_defaults, "map_layers", "all")})
 
 
 def add(scores: dict, key: str, value: float) -> None:
@@ -73,7 +87,7 @@ def score_objects(scores: dict, prefix: str, result, objects, masks, concepts) -
         for what, word in (("shape", shape), ("colour", colour)):
             if word not in concepts:
                 continue
-            for kind in KINDS:
+            for kind in result.concept_kinds:
                 m = result.heatmap(word, kind=kind)
                 add(scores, f"{prefix}/{what}/{kind}/0.4max", iou(region(m), mask))
                 add(scores, f"{prefix}/{what}/{kind}/mean", iou(mean_region(m), mask))
@@ -88,6 +102,7 @@ def score_objects(scores: dict, prefix: str, result, objects, masks, concepts) -
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="tiny (default) or tiny-mmdit")
     p.add_argument("--n", type=int, default=72, help="scenes (rendered) and captions (generated)")
     p.add_argument("--t", type=float, default=0.5, help="noise level of the rendered images' pass")
     p.add_argument("--colours", action="store_true", help="the colour names are concepts too")
@@ -96,7 +111,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    pipe = crossattn_sd.load_pipeline()
+    pipe = crossattn_sd.load_pipeline(args.model)
     concepts = SHAPES + (COLOURS if args.colours else [])
     scores: dict[str, list[float]] = {}
     start = time.time()

@@ -57,7 +57,7 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, type=Path, help="output folder (created if needed)")
     _add_run_options(p, device_default="best available")
     p.add_argument("--word", action="append", default=None, metavar="W",
-                   help="write overlays for this word only (repeatable); default: every word")
+                   help="write overlays for this word (or --concept) only (repeatable); default: every word")
     p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity, 0..1")
     p.add_argument("--cmap", default="jet", help="matplotlib colour map for overlays")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -258,6 +258,8 @@ def write_outputs(result, out: Path, words=None, alpha: float = 0.5, cmap: str =
             blend(result.images[i], result.heatmap(word, image_index=i), alpha, cmap).save(path)
             paths.append(path)
         for concept, m in result.concept_maps(i).items():  # the result's default concept kind
+            if words and concept.lower() not in (w.lower() for w in words):
+                continue
             name = f"overlay-concept-{safe_name(concept)}.png"
             path = out / (name if i == 0 else name.replace("overlay-", f"overlay-{i}-", 1))
             blend(result.images[i], m, alpha, cmap).save(path)
@@ -329,7 +331,7 @@ def _run_generate(args, spec, pipe=None):
 def cmd_generate(args) -> int:
     _, result = _run_generate(args, check_generation_args(args))
     for w in args.word or ():  # validate before writing anything (an edit's word may be in either prompt)
-        if not any(_has_word(a, w) for a in result.alignments):
+        if not any(_has_word(a, w) for a in result.alignments) and w.lower() not in map(str.lower, result.concepts):
             result.alignments[0].indices_of(w)  # raises ValueError naming the word and the prompt's words
     overlays = write_outputs(result, args.out, args.word, args.alpha, args.cmap)
     print(f"wrote {args.out}/image.png, maps.npz, meta.json, attention.safetensors and {len(overlays)} overlay(s)")

@@ -4,10 +4,11 @@
     >>> result.concepts                      # ['triangle', 'background']
     >>> result.heatmap("triangle")           # as for a prompt word; the result's default concept kind
 
-Each concept is one word, encoded alone by the pipeline's own text encoder(s) (the concept's word tokens are
-kept; its start, end and padding tokens are not). The family adapter decides how the image attends to them
-(`Family.concept_recorder`), always on the side: nothing computed for a concept feeds the model's output, so the
-image is bit-identical to the same call without concepts. Map kinds:
+Each concept is one word, encoded by the pipeline's own text encoder(s) in a short template (`DEFAULT_TEMPLATE`,
+"a {}"): only the concept's own tokens are kept, not the start, end and padding tokens nor the template's words.
+The family adapter decides how the image attends to them (`Family.concept_recorder`), always on the side: nothing
+computed for a concept feeds the model's output, so the image is bit-identical to the same call without concepts.
+Map kinds:
 
 - UNet models (cross-attention): the image queries of every recorded layer against the concepts' keys
   (`to_k` of the concept states). "joint": the softmax over the prompt's tokens plus the concepts, as if the

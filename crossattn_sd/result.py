@@ -158,7 +158,8 @@ class GenerationResult:
                 except ValueError as err:
                     if concepts is None or not concepts.has(word):
                         if concepts is not None:
-                            raise ValueError(f"{err}; the concepts are: {', '.join(map(repr, concepts.names))}") from None
+                            names = ", ".join(map(repr, concepts.names))
+                            raise ValueError(f"{err}; the concepts are: {names}") from None
                         raise
             where.append((kind or concepts.default_kind, concepts.indices_of(word)))
         if layers is None and resolutions is None:

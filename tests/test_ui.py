@@ -77,7 +77,7 @@ def bundle_meta(path) -> dict:
 # /generate's inputs after the prompt and their defaults: the README's table, with this module's preset
 GENERATE_DEFAULTS = dict(negative_prompt="", seed=0, steps=PRESET.steps, guidance=PRESET.guidance, width=PRESET.width,
                          height=PRESET.height, scheduler="default", mode="exact", processor="capture", weights="",
-                         edit_prompt="", inject=0.8, per_step=True, processor_layers="*")
+                         edit_prompt="", inject=0.8, per_step=True, processor_layers="*", concepts="")
 
 
 def test_generate_needs_only_the_prompt_and_every_input_takes_its_default(client, service):
@@ -313,3 +313,13 @@ def test_the_first_view_is_the_presets_default_and_star_is_every_layer(service):
     np.testing.assert_array_equal(overlay(default), overlay(finest))
     assert not np.array_equal(overlay(default), overlay(every))
     np.testing.assert_array_equal(overlay(every), overlay(service.filters(resolutions=",".join(c.resolutions))))
+
+
+def test_generate_takes_concepts_over_the_api(client):
+    image, words, bundle = client.predict(PROMPT, concepts="circle, triangle", api_name="/generate")
+    assert bundle_meta(bundle)["settings"]["concepts"] == ["circle", "triangle"]
+    assert {"concept/circle", "concept/triangle"} <= set(bundle_maps(bundle))
+    plain, _, _ = client.predict(PROMPT, api_name="/generate")
+    np.testing.assert_array_equal(pixels(image), pixels(plain))  # the same image
+    overlay = client.predict(handle_file(bundle), "triangle", api_name="/heatmap")  # a concept reads like a word
+    assert pixels(overlay).shape == (32, 32, 3)
