@@ -366,8 +366,9 @@ def cmd_inspect(args) -> int:
         result = inspect_image(pipe, image, args.prompt, concepts=args.concept, t=args.t, passes=args.passes,
                                seed=args.seed, fit=args.fit, height=args.height, width=args.width,
                                concept_kind=args.concept_kind)
-    for w in args.word or ():
-        result.alignments[0].indices_of(w)  # raises ValueError naming the word and the prompt's words
+    for w in args.word or ():  # a word of the caption or a concept
+        if not _has_word(result.alignments[0], w) and w.lower() not in map(str.lower, result.concepts):
+            result.alignments[0].indices_of(w)  # raises ValueError naming the word and the prompt's words
     out = args.out or args.image.with_name(f"{args.image.stem}-maps")
     overlays = write_outputs(result, out, args.word, args.alpha, args.cmap)
     print(f"wrote {out}/image.png (the image), maps.npz, meta.json, attention.safetensors and {len(overlays)} "

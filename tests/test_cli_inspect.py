@@ -25,7 +25,7 @@ def scene_png(tmp_path):
 def test_inspect_writes_the_bundle_with_the_image_itself(scene_png, tmp_path, capsys):
     out = tmp_path / "maps"
     assert main(["inspect", str(scene_png), "--prompt", CAPTION, "--out", str(out), "--word", "circle",
-                 "--concept", "triangle"]) == 0
+                 "--word", "triangle", "--concept", "triangle"]) == 0  # --word picks a concept's overlay too
     assert "wrote" in capsys.readouterr().out
     with Image.open(out / "image.png") as im, Image.open(scene_png) as original:
         assert im.size == (96, 96) and np.array_equal(np.asarray(im), np.asarray(original.convert("RGB")))
