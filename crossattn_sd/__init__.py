@@ -18,6 +18,7 @@ _LAZY = {
     "GenerationResult": "result", "load_result": "result",
     "ProcessorSpec": "steering", "parse_weights": "steering", "PROCESSORS": "steering",
     "align_prompt": "tokens",
+    "inspect_image": "inspect", "load_image": "inspect",
 }
 
 __all__ = sorted(_LAZY)

@@ -1,6 +1,7 @@
 """crossattn-sd: generate images and see where each word of the prompt went.
 
-Subcommands: generate, compare, batch, mechanisms, serve, train-tiny, eval-tiny, presets. Run `crossattn-sd SUBCOMMAND --help`.
+Subcommands: generate, inspect, compare, batch, mechanisms, serve, train-tiny, eval-tiny, eval-seg, presets. Run
+`crossattn-sd SUBCOMMAND --help`.
 A thin argparse layer over the same functions the web UI calls.
 """
 
@@ -83,6 +84,35 @@ def _add_batch_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _add_inspect_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("image", type=Path, help="the image file (PNG, JPEG, WebP, GIF, BMP, TIFF; at most 2048 x 2048 "
+                   "pixels; transparency on white, an animation's first frame)")
+    p.add_argument("--prompt", required=True, help="the caption whose words are mapped (quote it)")
+    p.add_argument("--concept", action="append", default=[], metavar="WORD",
+                   help="also map this word, which need not be in the caption (repeatable): overlay-concept-<word>.png")
+    p.add_argument("--concept-kind", default=None, choices=("joint", "concepts-only", "output", "attention"),
+                   help="the concept maps written: UNet joint or concepts-only; SD3 output (ConceptAttention) or "
+                        "attention (default: the model's default kind)")
+    p.add_argument("--t", type=float, default=0.5, help="noise level in (0, 1]: 1 is pure noise")
+    p.add_argument("--passes", type=int, default=1, help="denoiser calls on fresh noise, averaged (1..32)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise")
+    p.add_argument("--fit", default="resize", choices=("resize", "crop"),
+                   help="how the image is brought to the model's size: resize it whole, or take its centred crop "
+                        "(maps are drawn on the original either way)")
+    p.add_argument("--height", type=int, default=None, help="the height the model sees (default: preset's)")
+    p.add_argument("--width", type=int, default=None, help="the width the model sees (default: preset's)")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default: <image name>-maps next to it)")
+    p.add_argument("--model", default=None, help="preset name, local Diffusers folder, or Hub id; default: the "
+                   "embedded shapes-world model")
+    p.add_argument("--device", default=None, help="cuda, mps or cpu (default: best available)")
+    p.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"),
+                   help="model dtype (default: float16 on CUDA for real checkpoints, else float32)")
+    p.add_argument("--word", action="append", default=None, metavar="W",
+                   help="write overlays for this word only (repeatable); default: every word")
+    p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity, 0..1")
+    p.add_argument("--cmap", default="jet", help="matplotlib colour map for overlays")
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Appends "(default: X)" unless the help text already says what the default is."""
 
@@ -104,6 +134,13 @@ def build_parser(serve_prog: str | None = None) -> argparse.ArgumentParser:
                          "maps.npz (one float32 (H, W) map per word), meta.json, attention.safetensors and "
                          "overlay-<word>.png per word.", formatter_class=fmt)
     _add_generation_args(gen)
+
+    ins = sub.add_parser("inspect", help="maps of an image you have: each word of its caption on the image",
+                         description="Map each word of a caption on an existing image (no image is generated): the "
+                         "image is VAE-encoded, noised to time --t and denoised once per pass with the caption inside "
+                         "capture; writes the bundle generate writes (image.png is the image), overlay-<word>.png "
+                         "per word.", formatter_class=fmt)
+    _add_inspect_args(ins)
 
     cmp = sub.add_parser("compare", help="two processors, same prompt and seed: both images and their difference",
                          description="Generate the same prompt and seed with two processors (A: --processor-a, "
@@ -133,6 +170,9 @@ def build_parser(serve_prog: str | None = None) -> argparse.ArgumentParser:
     train.add_argument("args", nargs=argparse.REMAINDER, help="see `crossattn-sd train-tiny --help`")
     ev = sub.add_parser("eval-tiny", help="evaluate the embedded model on held-out captions", add_help=False)
     ev.add_argument("args", nargs=argparse.REMAINDER, help="see `crossattn-sd eval-tiny --help`")
+    seg = sub.add_parser("eval-seg", help="zero-shot segmentation of rendered and generated shapes-world images",
+                         add_help=False)
+    seg.add_argument("args", nargs=argparse.REMAINDER, help="see `crossattn-sd eval-seg --help`")
     sub.add_parser("presets", help="list the model presets in crossattn_sd/configs/", formatter_class=fmt)
     batch = sub.add_parser("batch", help="generate every prompt of a file: a bundle folder per row and an index",
                            description="Generate every row of a prompt file into a bundle folder each (image.png, "
@@ -321,6 +361,44 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_inspect(args) -> int:
+    from .inspect import check_inspect_args, inspect_image, load_image
+    from .overlay import CMAPS
+
+    from .concepts import check_concepts
+
+    check_inspect_args(args.prompt, args.t, args.passes, args.fit)  # before the model loads
+    check_concepts(args.concept, _preset_vocabulary(args))
+    if not 0 <= args.alpha <= 1:
+        raise ValueError(f"alpha={args.alpha} is out of range; use 0..1")
+    if args.cmap not in CMAPS:
+        raise ValueError(f"unknown --cmap {args.cmap!r}; use one of {', '.join(CMAPS)}")
+    image = load_image(args.image) if args.image.is_file() else None
+    if image is None:
+        raise ValueError(f"image file {str(args.image)!r} does not exist" if not args.image.exists()
+                         else f"{args.image} is not a file; give an image file")
+    _vocabulary_note(argparse.Namespace(model=args.model, prompt=args.prompt, edit_prompt=None))
+    from .pipeline import load_pipeline
+    from .tokens import VocabularyWarning
+
+    pipe = load_pipeline(args.model, device=args.device, dtype=args.dtype)
+    with _library_truncation_notes_off(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", VocabularyWarning)  # said before the model loaded
+        result = inspect_image(pipe, image, args.prompt, concepts=args.concept, t=args.t, passes=args.passes,
+                               seed=args.seed, fit=args.fit, height=args.height, width=args.width,
+                               concept_kind=args.concept_kind)
+    for w in args.word or ():  # a word of the caption or a concept
+        if not _has_word(result.alignments[0], w) and w.lower() not in map(str.lower, result.concepts):
+            result.alignments[0].indices_of(w)  # raises ValueError naming the word and the prompt's words
+    out = args.out or args.image.with_name(f"{args.image.stem}-maps")
+    overlays = write_outputs(result, out, args.word, args.alpha, args.cmap)
+    print(f"wrote {out}/image.png (the image), maps.npz, meta.json, attention.safetensors and {len(overlays)} "
+          "overlay(s)")
+    if result.dropped_words:
+        print(f"note: the tokenizer's length limit dropped: {' '.join(result.dropped_words)}", file=sys.stderr)
+    return 0
+
+
 def cmd_compare(args) -> int:
     import numpy as np
     from PIL import Image
@@ -423,10 +501,14 @@ def main(argv: list[str] | None = None, serve_prog: str | None = None) -> int:
         from .tiny.evaluate import main as eval_main
 
         return eval_main(argv[1:])
+    if argv and argv[0] == "eval-seg":
+        from .tiny.segment import main as seg_main
+
+        return seg_main(argv[1:])
     args = build_parser(serve_prog).parse_args(argv)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    commands = {"generate": cmd_generate, "compare": cmd_compare, "serve": cmd_serve, "presets": cmd_presets,
-                "batch": cmd_batch, "mechanisms": cmd_mechanisms}
+    commands = {"generate": cmd_generate, "inspect": cmd_inspect, "compare": cmd_compare, "serve": cmd_serve,
+                "presets": cmd_presets, "batch": cmd_batch, "mechanisms": cmd_mechanisms}
     try:
         return commands[args.command](args)
     except (ValueError, FileNotFoundError, PermissionError, OSError) as err:

@@ -410,6 +410,16 @@ class MapInspector:
         name = proc.get("name", "capture")
         detail = f"{name} ({s.get('mode')})" if name == "capture" else name
         took = f" · {entry.seconds:.1f} s" if entry.seconds is not None else ""
+        inspected = s.get("inspect")
+        if isinstance(inspected, dict):  # an uploaded image: no generation settings to speak of
+            h, w = (inspected.get("image_size") or [0, 0])[:2]
+            passes = inspected.get("passes")
+            line = (f"inspected an uploaded {w}×{h} image · t {inspected.get('t')} (timestep "
+                    f"{inspected.get('timestep')}) · {passes} pass{'es' if passes != 1 else ''} · the model saw "
+                    f"{s.get('width')}×{s.get('height')} ({inspected.get('fit')}) · seed {s.get('seed')}{took}")
+            if entry.dropped_words:
+                line += f"  \n⚠️ The tokenizer's length limit dropped: {' '.join(entry.dropped_words)}"
+            return line
         line = (f"seed {s.get('seed')} · {s.get('steps')} steps · guidance {s.get('guidance_scale')} · "
                 f"{s.get('width')}×{s.get('height')} · {s.get('scheduler')} · {detail}{took}")
         if entry.dropped_words:

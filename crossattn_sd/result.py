@@ -183,16 +183,31 @@ class GenerationResult:
             layers = self.default_layers()
             if head is None and steps is None:  # per-step maps are head-averaged: a step range takes the mean
                 head = self.default_head()
+        box = self.map_box()
+        size = self.size if box is None else box[2:]
         out: list[np.ndarray | None] = [None] * len(words)
         for source in dict.fromkeys(src for src, _ in where):
             store = self.store if source == "prompt" else concepts.stores[source]
             picked = [i for i, (src, _) in enumerate(where) if src == source]
-            maps = token_maps(store, [where[i][1] for i in picked], self.size, image_index=image_index,
+            maps = token_maps(store, [where[i][1] for i in picked], size, image_index=image_index,
                               layers=layers, resolutions=resolutions, steps=_steps_arg(steps),
                               head=head if source == "prompt" else given_head)
             for i, m in zip(picked, maps):
                 out[i] = normalize(m, normalize_by).numpy().astype(np.float32)
+        if box is not None and tuple(size) != self.size:  # an image the model saw cropped: no map outside the crop
+            top, left, h, w = box
+            for i, m in enumerate(out):
+                canvas = np.zeros(self.size, dtype=np.float32)
+                canvas[top:top + h, left:left + w] = m
+                out[i] = canvas
         return out
+
+    def map_box(self) -> tuple[int, int, int, int] | None:
+        """Where the maps lie on the image, (top, left, height, width): the region of an inspected image that
+        the model saw (`inspect_image(..., fit="crop")` sees a centred crop; "resize" the whole image); None for a
+        generated image (the maps cover it)."""
+        box = (self.settings.get("inspect") or {}).get("box")
+        return None if box is None else tuple(int(v) for v in box)
 
     # -- persistence -----------------------------------------------------------------------------------------
 
@@ -432,12 +447,31 @@ def _check_store(store: MapStore, alignments: list[PromptTokens], size: tuple[in
     if recorded and recorded != actual:
         raise _Bad("meta.json's layer shapes differ from the maps' (the files come from different runs)")
     height, width = size
+    settings = meta["settings"]
+    inspected = settings.get("inspect")
+    if inspected is not None:  # an inspected image: the maps fit the size the model saw, drawn over its box
+        height, width = _check_inspected(inspected, size, settings)
     for layer, (_, h, w, _) in shapes.items():
         if not (0 < h <= height and 0 < w <= width and abs(height / h - width / w) <= max(height / h, width / w) / min(h, w)):
             raise _Bad(f"layer {layer!r}'s {h}x{w} maps do not fit the {width}x{height} image")
-    settings = meta["settings"]
     if (settings.get("height"), settings.get("width")) not in ((None, None), (height, width)):
         raise _Bad(f"the image is {width}x{height} but settings say {settings.get('width')}x{settings.get('height')}")
+
+
+def _check_inspected(inspected, size: tuple[int, int], settings: dict) -> tuple[int, int]:
+    """An inspected image's record: its size is the image's, its box lies inside it; returns the size the model
+    saw (settings' height and width), which the maps must fit."""
+    _expect(inspected, dict, "settings.inspect")
+    image_size = [_expect(v, int, "settings.inspect.image_size") for v in
+                  _expect(inspected.get("image_size"), list, "settings.inspect.image_size")]
+    if image_size != list(size):
+        said = "x".join(map(str, image_size[::-1]))
+        raise _Bad(f"the image is {size[1]}x{size[0]} but settings.inspect.image_size says {said}")
+    box = [_expect(v, int, "settings.inspect.box") for v in _expect(inspected.get("box"), list, "settings.inspect.box")]
+    if len(box) != 4 or box[0] < 0 or box[1] < 0 or box[2] < 1 or box[3] < 1 or box[0] + box[2] > size[0] \
+            or box[1] + box[3] > size[1]:
+        raise _Bad(f"settings.inspect.box {box} is not a region of the {size[1]}x{size[0]} image")
+    return (_expect(settings.get("height"), int, "settings.height"), _expect(settings.get("width"), int, "settings.width"))
 
 
 def _check_concept_stores(concepts, store: MapStore) -> None:

@@ -98,6 +98,19 @@ class GenerateRequest:
 
 
 
+@dataclass(frozen=True)
+class InspectRequest:
+    """One inspection of an uploaded image (see `inspect.inspect_image`), as the UI's controls give it."""
+
+    image: str  # the path of a file Gradio's checked upload put in its upload folder (never a client's path)
+    prompt: str
+    concepts: tuple[str, ...] = ()
+    t: float = 0.5
+    passes: int = 1
+    seed: int = 0
+    fit: str = "resize"
+
+
 def pixel_difference(a: Image.Image, b: Image.Image) -> tuple[Image.Image, int]:
     """|A - B| (max over RGB) as a grey image scaled to its maximum, and that maximum (0..255)."""
     diff = np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).max(axis=-1)
@@ -375,6 +388,40 @@ class AttentionService(MapInspector):
         summary = (f"**A** = {baseline}, **B** = {req.processor}; same prompt and seed {req.seed}. "
                    f"Pixel difference: max {peak} / 255, mean {mean:.2f}.")
         return Comparison(a=a, b=b, difference=difference, summary=summary)
+
+    def inspect_image(self, req: InspectRequest, *, session: str = "", cancel: threading.Event | None = None
+                      ) -> Entry:
+        """Map the words of a caption on an uploaded image (no image is generated) and return the session's new
+        entry, saved and zipped like a generation. Holds the pipeline as a generation does (one call per pass).
+        Raises `ValueError` for a file that is not a readable image, an empty or too large one, an empty prompt,
+        `t` outside (0, 1] or a bad number of passes (checked before the pipeline is taken)."""
+        from .inspect import MAX_PASSES, check_inspect_args, inspect_image, load_image
+        from .pipeline import GenerationCancelled
+
+        for name in ("prompt", *(f"concept {c!r}" for c in req.concepts)):
+            text = req.prompt if name == "prompt" else name
+            if len(text) > MAX_PROMPT_CHARS:
+                raise ValueError(f"the {name} has {len(text)} characters; the limit is {MAX_PROMPT_CHARS}")
+        t, passes = check_inspect_args(req.prompt, req.t, req.passes, req.fit)
+        if not 0 <= req.seed <= MAX_SEED or int(req.seed) != req.seed:
+            raise ValueError(f"seed={req.seed} is out of range; use 0..{MAX_SEED}")
+        image = load_image(req.image, name="the uploaded file")
+        flag = cancel if cancel is not None else self.run_flag(session)
+        try:
+            with self._pipeline_slot(flag):
+                if flag.is_set():
+                    raise GenerationCancelled("inspection was cancelled")
+                start = time.perf_counter()
+                result = inspect_image(self.pipe, image, req.prompt, concepts=req.concepts, t=t, passes=passes,
+                                       seed=int(req.seed), fit=req.fit, keep_heads=True, per_step=passes > 1,
+                                       map_layers=self.preset.map_layers)
+                seconds = time.perf_counter() - start
+        finally:
+            if self._stops.get(session) is flag:
+                del self._stops[session]
+        entry = self._store(result, seconds)
+        entry.caption = f"{req.prompt[:60]} · inspected at t {t:g}"
+        return entry
 
     @staticmethod
     def add_to_history(history: Sequence[Entry] | None, *entries: Entry) -> list[Entry]:

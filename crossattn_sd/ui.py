@@ -29,6 +29,7 @@ import math
 import signal
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import gradio as gr
@@ -37,7 +38,7 @@ from PIL import Image
 
 from .bundles import MAX_BUNDLE_BYTES
 from .mechanisms import Mechanisms
-from .service import MAX_SEED, AttentionService, Comparison, Entry, GenerateRequest
+from .service import MAX_SEED, AttentionService, Comparison, Entry, GenerateRequest, InspectRequest
 from .ui_mechanisms import mechanisms_tab
 
 QUEUE_SIZE = 32  # requests waiting beyond this are refused ("queue full") rather than piling up
@@ -337,6 +338,33 @@ class Handlers:
         history = self.service.add_to_history(history, entry)
         return entry, history, entry.image, str(entry.bundle)
 
+    # -- inspecting an uploaded image -------------------------------------------------------------------------
+
+    @_user_errors
+    def preview(self, file: str | None):
+        """The uploaded image as it will be inspected (RGB; transparency on white, an animation's first frame), or
+        the one-line reason it cannot be."""
+        from .inspect import load_image
+
+        if file is None:
+            return None
+        return load_image(checked_upload(file), name="the uploaded file")
+
+    @_user_errors
+    async def inspect_upload(self, file: str | None, prompt: str, concepts: str = "", t: float = 0.5, passes: int = 1,
+                             seed: int = 0, fit: str = "resize", history=None, request: gr.Request = None):
+        """Map each word of a caption on an uploaded image (no image is generated): the image is VAE-encoded,
+        noised to time t and denoised once per pass with the caption.
+
+        Returns the image, the caption's words and a zip bundle (image.png is the uploaded image) that /heatmap reads.
+        """
+        req = InspectRequest(image=str(checked_upload(file)), prompt=prompt or "", concepts=parse_concepts(concepts),
+                             t=t, passes=passes, seed=0 if seed is None else seed, fit=fit)
+        session = _session(request)
+        entry = await self._run(session, lambda flag: self.service.inspect_image(req, session=session, cancel=flag))
+        history = self.service.add_to_history(history, entry)
+        return entry.image, entry.prompt_words, str(entry.bundle), entry, history
+
     def restore_settings(self, entry: Entry | None):
         """The settings an opened bundle recorded, into the Generate controls (those this server accepts)."""
         if entry is None:
@@ -474,6 +502,93 @@ def uploaded_file(payload) -> Path:
     return path
 
 
+NO_UPLOAD = "upload an image first (PNG, JPEG, WebP, GIF, BMP or TIFF)"
+
+
+def checked_upload(path) -> Path:
+    """The path of a file Gradio's upload put in its upload folder (its component checked it); ValueError for
+    nothing uploaded or any other path (the message never says whether it exists)."""
+    from gradio.utils import get_upload_folder, is_in_or_equal
+
+    if isinstance(path, dict):  # a FileData payload that reached us whole
+        path = path.get("path")
+    if not isinstance(path, str) or not path:
+        raise ValueError(NO_UPLOAD)
+    path = Path(path)
+    if not (path.is_absolute() and is_in_or_equal(path, get_upload_folder())):
+        raise ValueError(NOT_UPLOADED.replace("the bundle must be a .zip", "the image must be a file"))
+    return path
+
+
+def parse_concepts(text: str | None) -> tuple[str, ...]:
+    """ "triangle, background" -> ("triangle", "background")."""
+    return tuple(c.strip() for c in (text or "").split(",") if c.strip())
+
+
+@dataclass
+class InspectControls:
+    """The components of the Inspect-an-image tab."""
+
+    file: gr.File
+    preview: gr.Image
+    prompt: gr.Textbox
+    concepts: gr.Textbox
+    t: gr.Slider
+    passes: gr.Slider
+    seed: gr.Number
+    fit: gr.Radio
+    button: gr.Button
+
+    @property
+    def inputs(self) -> list:
+        return [self.file, self.prompt, self.concepts, self.t, self.passes, self.seed, self.fit]
+
+
+def inspect_tab(d) -> InspectControls:
+    """Lay out the Inspect-an-image tab: an upload, its caption and concepts, the noise level, passes, seed, fit."""
+    from .inspect import MAX_PIXELS
+
+    gr.Markdown("Upload an image you have and type its caption: each word's map is drawn on *your* image (no new "
+                "image is made). The image is encoded by the model's VAE, noised to time **t** and denoised once per "
+                f"pass with the caption. At most {MAX_PIXELS:,} pixels ({math.isqrt(MAX_PIXELS)} × "
+                f"{math.isqrt(MAX_PIXELS)}); transparency is put on white, an animation gives its first frame. The "
+                "filters, overlays and export below work as for a generated image.")
+    with gr.Row(equal_height=True):
+        file = gr.File(label="Image", file_types=["image"], type="filepath", elem_id="inspect-file", scale=1)
+        preview = gr.Image(label="As inspected", type="pil", format="png", interactive=False, height=200,
+                           elem_classes="pixelated", elem_id="inspect-preview", scale=1)
+    prompt = gr.Textbox(label="Caption", lines=2, max_length=d.max_prompt_chars, elem_id="inspect-prompt",
+                        placeholder=d.examples[0] if d.examples else "describe the image")
+    concepts = gr.Textbox("", label="Concepts", elem_id="inspect-concepts",
+                          placeholder="words not in the caption, comma-separated, e.g. triangle, background")
+    with gr.Row():
+        t = Slider(0.01, 1, 0.5, step=0.01, label="Noise level t", elem_id="inspect-t",
+                   info="in (0, 1]: 1 is pure noise; lower keeps more of the image")
+        passes = Slider(1, 8, 1, step=1, label="Passes", elem_id="inspect-passes",
+                        info="denoiser calls on fresh noise, averaged")
+    with gr.Row(equal_height=True):
+        seed = Number(0, label="Seed", precision=0, minimum=0, maximum=MAX_SEED, elem_id="inspect-seed")
+        fit = gr.Radio(["resize", "crop"], value="resize", label="Fit to the model's size", elem_id="inspect-fit",
+                       info="resize the whole image, or take its centred crop; maps are shown on the original")
+    button = gr.Button("Inspect", variant="primary", elem_id="inspect-run")
+    return InspectControls(file, preview, prompt, concepts, t, passes, seed, fit, button)
+
+
+def wire_inspect_tab(h: Handlers, c: InspectControls, *, current, history, image, words, bundle, result_tabs, tab,
+                     shown, show_out, inspect_in, inspect_out) -> None:
+    """The tab's events: an upload shows its preview (or why it cannot be read); Inspect runs on the pipeline's
+    slot, then shows the words, filters and maps of the new entry on the Heat map tab, as Generate does."""
+    private = dict(api_visibility="private")
+    c.file.upload(h.preview, c.file, c.preview, **private)
+    c.file.clear(lambda: None, None, c.preview, queue=False, **private)
+    (c.button.click(h.prepare, None, None, queue=False, trigger_mode="once", **private)
+     .then(h.inspect_upload, [*c.inputs, history], [image, words, bundle, current, history], api_name="inspect_image",
+           concurrency_limit=1, concurrency_id="pipeline", show_progress_on=[c.button])
+     .success(lambda: (gr.Tabs(selected="map"), "map"), None, [result_tabs, tab], queue=False, **private)
+     .success(h.show, [current, history, shown], show_out, **private)
+     .success(h.inspect, inspect_in, inspect_out, **private))
+
+
 def processor_options(processor: str):
     """Show only the options of the chosen processor."""
     return (gr.update(visible=processor == "capture"), gr.update(visible=processor == "reweight"),
@@ -560,8 +675,8 @@ def build_demo(service: AttentionService, mechanisms: Mechanisms | None = None) 
                 which = gr.Radio([], label="Maps of", visible=False, elem_id="which-image",
                                  info="an edit made two images: the chips and maps belong to the one chosen here")
                 word = gr.Radio([], label="Word", info="click a word of the prompt", elem_id="word-chips")
-                with gr.Tabs():
-                    with gr.Tab("Heat map") as map_tab:
+                with gr.Tabs() as result_tabs:
+                    with gr.Tab("Heat map", id="map") as map_tab:
                         with gr.Row():
                             other = gr.Image(label="Source image", visible=False, elem_id="other-image", **pixel)
                             image = gr.Image(label="Image", elem_id="image", **pixel)
@@ -607,6 +722,8 @@ def build_demo(service: AttentionService, mechanisms: Mechanisms | None = None) 
                         with gr.Accordion("Words and settings", open=False):
                             words = gr.JSON(label="Words")
                             settings = gr.JSON(label="Settings")
+                    with gr.Tab("Inspect an image", id="inspect") as inspect_tab_block:
+                        inspect_controls = inspect_tab(d)
                     with gr.Tab("Mechanisms", elem_id="mechanisms-tab") as mechanisms_tab_block:
                         mechanisms_tab(mechanisms or Mechanisms(), prompt, seed)
                 with gr.Accordion("Map filters", open=True):
@@ -692,6 +809,10 @@ def build_demo(service: AttentionService, mechanisms: Mechanisms | None = None) 
                concurrency_limit=1, concurrency_id="pipeline", show_progress_on=[img_a, img_b, img_diff])
          .success(h.compare_maps, [comparison, cmp_word, *filters_in], compare_maps_out, **private))
 
+        inspect_tab_block.select(_returns("other"), None, tab, queue=False, **private)
+        wire_inspect_tab(h, inspect_controls, current=current, history=history, image=image, words=words, bundle=bundle,
+                         result_tabs=result_tabs, tab=tab, shown=shown, show_out=show_out,
+                         inspect_in=[current, tab, word, *filters_in], inspect_out=inspect_out)
         gr.api(h.heatmap, api_name="heatmap")
         demo.unload(h.closed)
     return demo

@@ -237,6 +237,19 @@ class Family:
         when not given); they override the negative prompt argument."""
         return {"guidance_scale": guidance_scale}
 
+    # -- one denoiser call (inspecting an image) -----------------------------------------------------------
+
+    def text_conditioning(self, pipe, prompt: str, size: tuple[int, int], max_sequence_length: int | None = None
+                          ) -> dict:
+        """The denoiser's text inputs for one `prompt` and one image of `size` (H, W), without guidance, from the
+        pipeline's own `encode_prompt`: the keyword arguments `denoise` passes on."""
+        raise NotImplementedError(f"inspecting an image is not supported on {self.description} yet; use a UNet or "
+                                  "SD3 model")
+
+    def denoise(self, latents: torch.Tensor, timestep: torch.Tensor, conditioning: dict) -> torch.Tensor:
+        """One denoiser call on `latents` (B, C, h, w) at `timestep` (B,), as the pipeline's loop makes it."""
+        raise NotImplementedError(f"inspecting an image is not supported on {self.description} yet")
+
 
 def as_additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     """An attention mask as SDPA applies it, in additive form: a boolean mask keeps True (0) and drops False

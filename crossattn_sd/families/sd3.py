@@ -234,3 +234,12 @@ class SD3Family(PatchGrid, Family):
 
     def pipeline_kwargs(self, pipe, max_sequence_length=None):
         return {"max_sequence_length": self.max_sequence_length(pipe, max_sequence_length)}
+
+    def text_conditioning(self, pipe, prompt, size, max_sequence_length=None):
+        embeds, _, pooled, _ = pipe.encode_prompt(
+            prompt=prompt, prompt_2=None, prompt_3=None, device=self.model.device, num_images_per_prompt=1,
+            do_classifier_free_guidance=False, max_sequence_length=self.max_sequence_length(pipe, max_sequence_length))
+        return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
+
+    def denoise(self, latents, timestep, conditioning):
+        return self.model(hidden_states=latents, timestep=timestep, **conditioning, return_dict=False)[0]

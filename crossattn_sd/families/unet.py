@@ -284,3 +284,18 @@ class UNetFamily(Family):
         from ..tokens import align_prompt
 
         return align_prompt(pipe.tokenizer, prompt)
+
+    def text_conditioning(self, pipe, prompt, size, max_sequence_length=None):
+        """`encode_prompt`'s states; SDXL (`addition_embed_type: text_time`) adds the pooled text and the size ids
+        its pipeline builds: original size, crop (0, 0), target size."""
+        device = self.model.device
+        if self.model.config.get("addition_embed_type") == "text_time":
+            embeds, _, pooled, _ = pipe.encode_prompt(prompt, device=device, num_images_per_prompt=1,
+                                                      do_classifier_free_guidance=False)
+            time_ids = torch.tensor([[*size, 0, 0, *size]], dtype=embeds.dtype, device=device)
+            return {"encoder_hidden_states": embeds, "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
+        embeds, _ = pipe.encode_prompt(prompt, device, 1, False)
+        return {"encoder_hidden_states": embeds}
+
+    def denoise(self, latents, timestep, conditioning):
+        return self.model(latents, timestep, **conditioning, return_dict=False)[0]
