@@ -34,7 +34,7 @@ def page(service):
 
     with serve_app(service) as url, sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 1100})
+        page = browser.new_page(viewport={"width": 1600, "height": 1100})  # the result column's seven tabs in one row
         page.set_default_timeout(TIMEOUT)
         page.goto(url)
         page.locator("#generate").wait_for()
