@@ -1,6 +1,7 @@
 """The web UI: `build_demo(service)` lays out components and wires events; `serve(...)` runs it.
 
-With `ui_mechanisms.py` (the Mechanisms tab), the only module that imports Gradio. The work is done by
+With its tab modules (`ui_inspect.py`: Inspect an image; `ui_mechanisms.py`: Mechanisms) and `ui_components.py`, the
+only modules that import Gradio. The work is done by
 `service.AttentionService` (and `mechanisms.Mechanisms` for that tab); `Handlers` only turns
 component values into the service's arguments and its results into component values, and turns the service's
 `ValueError`s into `gr.Error` messages. Generation (the shared pipeline) runs one at a time (the queue's
@@ -29,7 +30,6 @@ import math
 import signal
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import gradio as gr
@@ -39,6 +39,8 @@ from PIL import Image
 from .bundles import MAX_BUNDLE_BYTES
 from .mechanisms import Mechanisms
 from .service import MAX_SEED, AttentionService, Comparison, Entry, GenerateRequest, InspectRequest
+from .ui_components import Number, Slider
+from .ui_inspect import inspect_tab, wire_inspect_tab
 from .ui_mechanisms import mechanisms_tab
 
 QUEUE_SIZE = 32  # requests waiting beyond this are refused ("queue full") rather than piling up
@@ -77,34 +79,6 @@ GENERATE_HELP = {
     "uniform": "Every pixel attends equally to every token (the mean of the values) on the chosen layers: what "
                "spatial attention adds. Its maps are flat by construction.",
 }
-
-
-def _naming_range_errors(component: gr.components.Component) -> gr.components.Component:
-    """`component`, whose out-of-range error names the input: Gradio's own check says only "Value 0 is less than
-    minimum value 1", and a value that is not a number ("abc", NaN) would be a generic error. Wraps the
-    instance's `preprocess` (Gradio calls it on the instance): a subclass would make Gradio's component
-    metaclass write a `ui.pyi` stub next to this module at import."""
-    preprocess = component.preprocess
-
-    def named(payload):
-        try:
-            return preprocess(payload)
-        except gr.Error as err:
-            raise gr.Error(f"{component.label}: {err.message}", print_exception=False) from None
-        except (ValueError, TypeError, OverflowError):
-            raise gr.Error(f"{component.label}: {str(payload)[:40]!r} is not a number", print_exception=False) \
-                from None
-
-    component.preprocess = named
-    return component
-
-
-def Slider(*args, **kwargs) -> gr.Slider:  # noqa: N802 (stands in for the component class)
-    return _naming_range_errors(gr.Slider(*args, **kwargs))
-
-
-def Number(*args, **kwargs) -> gr.Number:  # noqa: N802
-    return _naming_range_errors(gr.Number(*args, **kwargs))
 
 
 def display_scale(size: tuple[int, int]) -> int:
@@ -523,70 +497,6 @@ def checked_upload(path) -> Path:
 def parse_concepts(text: str | None) -> tuple[str, ...]:
     """ "triangle, background" -> ("triangle", "background")."""
     return tuple(c.strip() for c in (text or "").split(",") if c.strip())
-
-
-@dataclass
-class InspectControls:
-    """The components of the Inspect-an-image tab."""
-
-    file: gr.File
-    preview: gr.Image
-    prompt: gr.Textbox
-    concepts: gr.Textbox
-    t: gr.Slider
-    passes: gr.Slider
-    seed: gr.Number
-    fit: gr.Radio
-    button: gr.Button
-
-    @property
-    def inputs(self) -> list:
-        return [self.file, self.prompt, self.concepts, self.t, self.passes, self.seed, self.fit]
-
-
-def inspect_tab(d) -> InspectControls:
-    """Lay out the Inspect-an-image tab: an upload, its caption and concepts, the noise level, passes, seed, fit."""
-    from .inspect import MAX_PIXELS
-
-    gr.Markdown("Upload an image you have and type its caption: each word's map is drawn on *your* image (no new "
-                "image is made). The image is encoded by the model's VAE, noised to time **t** and denoised once per "
-                f"pass with the caption. At most {MAX_PIXELS:,} pixels ({math.isqrt(MAX_PIXELS)} × "
-                f"{math.isqrt(MAX_PIXELS)}); transparency is put on white, an animation gives its first frame. The "
-                "filters, overlays and export below work as for a generated image.")
-    with gr.Row(equal_height=True):
-        file = gr.File(label="Image", file_types=["image"], type="filepath", elem_id="inspect-file", scale=1)
-        preview = gr.Image(label="As inspected", type="pil", format="png", interactive=False, height=200,
-                           elem_classes="pixelated", elem_id="inspect-preview", scale=1)
-    prompt = gr.Textbox(label="Caption", lines=2, max_length=d.max_prompt_chars, elem_id="inspect-prompt",
-                        placeholder=d.examples[0] if d.examples else "describe the image")
-    concepts = gr.Textbox("", label="Concepts", elem_id="inspect-concepts",
-                          placeholder="words not in the caption, comma-separated, e.g. triangle, background")
-    with gr.Row():
-        t = Slider(0.01, 1, 0.5, step=0.01, label="Noise level t", elem_id="inspect-t",
-                   info="in (0, 1]: 1 is pure noise; lower keeps more of the image")
-        passes = Slider(1, 8, 1, step=1, label="Passes", elem_id="inspect-passes",
-                        info="denoiser calls on fresh noise, averaged")
-    with gr.Row(equal_height=True):
-        seed = Number(0, label="Seed", precision=0, minimum=0, maximum=MAX_SEED, elem_id="inspect-seed")
-        fit = gr.Radio(["resize", "crop"], value="resize", label="Fit to the model's size", elem_id="inspect-fit",
-                       info="resize the whole image, or take its centred crop; maps are shown on the original")
-    button = gr.Button("Inspect", variant="primary", elem_id="inspect-run")
-    return InspectControls(file, preview, prompt, concepts, t, passes, seed, fit, button)
-
-
-def wire_inspect_tab(h: Handlers, c: InspectControls, *, current, history, image, words, bundle, result_tabs, tab,
-                     shown, show_out, inspect_in, inspect_out) -> None:
-    """The tab's events: an upload shows its preview (or why it cannot be read); Inspect runs on the pipeline's
-    slot, then shows the words, filters and maps of the new entry on the Heat map tab, as Generate does."""
-    private = dict(api_visibility="private")
-    c.file.upload(h.preview, c.file, c.preview, **private)
-    c.file.clear(lambda: None, None, c.preview, queue=False, **private)
-    (c.button.click(h.prepare, None, None, queue=False, trigger_mode="once", **private)
-     .then(h.inspect_upload, [*c.inputs, history], [image, words, bundle, current, history], api_name="inspect_image",
-           concurrency_limit=1, concurrency_id="pipeline", show_progress_on=[c.button])
-     .success(lambda: (gr.Tabs(selected="map"), "map"), None, [result_tabs, tab], queue=False, **private)
-     .success(h.show, [current, history, shown], show_out, **private)
-     .success(h.inspect, inspect_in, inspect_out, **private))
 
 
 def processor_options(processor: str):
