@@ -173,10 +173,13 @@ def test_pool_grounding_batch_draws_the_same_batch():
     # every object covers some of the latent, absent second objects nothing
     assert (pool.masks.sum((2, 3)) > 0).sum() == (pool.owners[:, 0].amax(1) + 1).sum()
     latents, ids = pool.batch(torch.Generator().manual_seed(1), 16, dropout=0.5)
-    g_latents, g_ids, masks, owners = pool.batch(torch.Generator().manual_seed(1), 16, dropout=0.5, grounding=True)
+    g_latents, g_ids, masks, owners, shapes = pool.batch(torch.Generator().manual_seed(1), 16, dropout=0.5,
+                                                         grounding=True)
     assert torch.equal(latents, g_latents) and torch.equal(ids, g_ids)
     dropped = (ids == pool.empty).all(1)
     assert dropped.any() and (owners[dropped] == -1).all() and (owners[~dropped] >= 0).any(1).all()
+    # each present object's shape, -1 where the scene has no second object
+    assert torch.equal(shapes >= 0, masks.sum((2, 3)) > 0) and shapes.max() < len(train.SHAPES)
 
 
 def test_grounding_loss_is_zero_for_a_map_spread_over_its_object():
@@ -208,7 +211,7 @@ def test_grounding_trains_the_maps_the_app_shows():
     """A few steps on the grounding loss alone move the tokens' maps onto their objects, through the capture
     processor in explicit mode (`record_attention`); prefix-cut tokens are not grounded."""
     text_encoder, unet, pool = untrained(p_two=1.0)
-    latents, ids, masks, owners = pool.batch(torch.Generator().manual_seed(0), 8, dropout=0.0, grounding=True)
+    latents, ids, masks, owners, _ = pool.batch(torch.Generator().manual_seed(0), 8, dropout=0.0, grounding=True)
     latents = latents / pool.latents.std()
     scheduler = build.train_scheduler()
     t = torch.full((8,), 500)
@@ -286,5 +289,72 @@ def test_film_smoke_run_learns_the_shipped_vaes_latents_with_no_attention(tmp_pa
 
 
 def test_film_refuses_grounding(tmp_path, capsys):
-    assert train.main(["--model", "film", "--out", str(tmp_path / "run"), *SMOKE, "--grounding", "0.1"]) == 2
-    assert "no cross-attention maps to ground" in capsys.readouterr().err
+    for flag in ("--grounding", "--concept-grounding"):
+        assert train.main(["--model", "film", "--out", str(tmp_path / "run"), *SMOKE, flag, "0.1"]) == 2
+        assert f"{flag} 0.1: --model film has no cross-attention maps to ground" in capsys.readouterr().err
+
+
+def test_concept_grounding_targets_the_union_of_a_shapes_objects():
+    masks = torch.zeros(1, 2, 4, 4)
+    masks[0, 0, :2, :2] = 1  # two objects of the same shape (concept 2): its target is both
+    masks[0, 1, 2:, 2:] = 1
+    shapes = torch.tensor([[2, 2]])
+    probs = torch.full((1, 16, 3), 0.1)
+    probs[0, :, 2] = (masks[0, 0] + masks[0, 1]).flatten()
+    assert train.concept_grounding([probs], masks, shapes, (4, 4)).abs() < 1e-6
+    one = probs.clone()
+    one[0, :, 2] = masks[0, 0].flatten()  # only one of them: KL(union || one object) is infinite-ish, clamped
+    assert train.concept_grounding([one], masks, shapes, (4, 4)) > 1
+    # shapes absent from the scene (concepts 0 and 1 here) and absent objects (-1) are never grounded
+    assert train.concept_grounding([probs], masks, torch.tensor([[2, -1]]), (4, 4)) > 0
+    assert train.concept_grounding([probs], masks, torch.tensor([[-1, -1]]), (4, 4)) == 0
+
+
+def test_concept_grounding_trains_the_concept_maps_the_app_shows():
+    """The shape names encoded alone ("a triangle") attend on the side through the capture processor's concept
+    path (`record_concepts`, with gradients); a few steps on that loss alone move their maps onto the objects of
+    their shape and reach the text encoder through the concepts' encoding; the images' own attention is the
+    same either way (the concepts are on the side)."""
+    text_encoder, unet, pool = untrained(p_two=1.0)
+    latents, ids, masks, owners, shapes = pool.batch(torch.Generator().manual_seed(0), 8, dropout=0.0,
+                                                     grounding=True)
+    latents = latents / pool.latents.std()
+    scheduler = build.train_scheduler()
+    t = torch.full((8,), 500)
+    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(0))
+    concepts = train.TrainingConcepts(build.build_tokenizer())
+    assert concepts.names == list(train.SHAPES) and concepts.positions == [(2,), (2,), (2,)]  # "a", then the word
+    recorder, plain = train.TrainingAttention(concepts), train.TrainingAttention()
+    with train.record_attention(unet, plain):
+        train.training_loss(unet, text_encoder, scheduler, latents, ids, t, noise, grounding=(plain, masks, owners))
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    with train.record_attention(unet, recorder):
+        losses = []
+        for step in range(15):
+            v_loss, g_loss, c_loss = train.training_loss(unet, text_encoder, scheduler, latents, ids, t, noise,
+                                                         grounding=(recorder, masks, owners, shapes))
+            n_layers = len(unet.attn_processors) // 2
+            assert len(recorder.maps) == len(concepts.maps) == n_layers
+            assert concepts.maps[0].shape == (8, recorder.maps[0].shape[1], 3)
+            if step == 0:
+                assert all(torch.equal(a, b) for a, b in zip(recorder.maps, plain.maps))
+            opt.zero_grad()
+            c_loss.backward()
+            if step == 0:
+                embedding = text_encoder.get_input_embeddings().weight.grad
+                shape_ids = concepts.ids[:, 2]
+                assert embedding[shape_ids].abs().sum(1).min() > 0  # each shape name's own embedding learns
+            opt.step()
+            losses.append(c_loss.item())
+    assert losses[-1] < 0.6 * losses[0], losses
+
+
+def test_smoke_run_with_concept_grounding_logs_it_and_changes_what_is_learned(tmp_path, capsys):
+    assert train.main(["--out", str(tmp_path / "run"), *SMOKE, "--grounding", "0.1",
+                       "--concept-grounding", "0.5"]) == 0
+    assert " concepts " in capsys.readouterr().out
+    assert train.main(["--out", str(tmp_path / "words"), *SMOKE, "--grounding", "0.1"]) == 0
+    ckpt, words = (torch.load(tmp_path / r / "checkpoint.pt", weights_only=False) for r in ("run", "words"))
+    assert ckpt["args"]["concept_grounding"] == 0.5
+    assert max((v - words["text_encoder"][n]).abs().max().item() for n, v in ckpt["text_encoder"].items()) > 2e-5

@@ -162,8 +162,9 @@ def record_concepts(concepts, layer: str, attn, query: torch.Tensor, key: torch.
     `key` (n, heads, T, d) and additive `mask` (n, heads, 1 or Nq, T): "joint", the softmax over the prompt's
     tokens and the concepts (the concept columns kept); "concepts-only", the softmax over the concepts alone.
     Nothing here reaches the layer's output. A layer's concept keys are computed once per call (the concept
-    states do not change between steps)."""
-    with torch.no_grad():
+    states do not change between steps). Without gradients, unless `concepts.requires_grad` (the trainer's
+    concept grounding, `tiny/train.py`)."""
+    with torch.set_grad_enabled(getattr(concepts, "requires_grad", False)):
         concept_key = concepts.cache.get(layer)
         if concept_key is None:
             states = concepts.states.to(device=key.device, dtype=attn.to_k.weight.dtype)

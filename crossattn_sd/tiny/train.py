@@ -8,7 +8,9 @@ style down-weighting of low-noise steps, AdamW with warm-up and a
 cosine decay to 10% over --steps, EMA weights, 10% of captions dropped to "" (what the
 pipeline encodes as the unconditional prompt). Held-out scene types are never trained on.
 Optionally (--grounding W) a token-grounding loss pulls each colour, shape and position word's
-cross-attention map onto its object's mask, which the synthetic world knows exactly.
+cross-attention map onto its object's mask, which the synthetic world knows exactly, and
+(--concept-grounding W) a concept-grounding loss does the same for each shape's name encoded alone ("a
+triangle", as `concepts.py` encodes a concept), attending on the side as the app's concept maps do.
 
 Every --checkpoint-minutes the full state goes to OUT/checkpoint.pt (atomically) and the EMA
 weights are exported as a diffusers StableDiffusionPipeline folder (atomically), so the
@@ -43,7 +45,7 @@ from ..maps import layer_hw
 from ..processors import CaptureProcessor, install
 from . import WEIGHTS_DIR, build
 from .judge import palette_labels
-from .world import Scene, caption, describe, render, sample_scene
+from .world import SHAPES, Scene, caption, describe, render, sample_scene
 from .world import object_mask as world_object_mask
 
 CHECKPOINT = "checkpoint.pt"
@@ -89,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grounding", type=float, default=0.0,
                    help="weight of the token-grounding loss: each colour, shape and position word's cross-attention "
                         "map should spread over its object's mask (see grounding_loss); 0 leaves it out")
+    p.add_argument("--concept-grounding", type=float, default=0.0,
+                   help="weight of the concept-grounding loss: each shape's name encoded alone (\"a triangle\", "
+                        "the app's concept template) should spread its side attention (the 'joint' concept map) "
+                        "over the objects of that shape (see concept_grounding); 0 leaves it out")
     p.add_argument("--caption-dropout", type=float, default=0.1,
                    help="fraction of captions replaced by the empty prompt")
     p.add_argument("--pool-size", type=int, default=50000,
@@ -135,7 +141,7 @@ class Pool:
 
     def __init__(self, vae, tokenizer, seed: int, size: int, p_two: float, chunk: int = 256):
         rng = np.random.default_rng([seed, 1])
-        latents, fwd, rev, masks, owners, texts = [], [], [], [], [], []
+        latents, fwd, rev, masks, owners, texts, shapes = [], [], [], [], [], [], []
         with torch.no_grad():
             for start in tqdm(range(0, size, chunk), desc="encoding pool", mininterval=10,
                               file=sys.stdout):
@@ -148,6 +154,8 @@ class Pool:
                 masks.append(object_masks(scenes, images.shape[1], latents[-1].shape[-2:]))
                 owners.append(torch.tensor([[word_owners(s, o, fwd[-1].shape[1]) for o in pair]
                                             for s, pair in zip(scenes, orders)]))
+                shapes.append(torch.tensor([[SHAPES.index(o.kind[1]) for o in s.objects]
+                                            + [-1] * (MAX_OBJECTS - len(s.objects)) for s in scenes]))
         self.latents = torch.cat(latents)
         self.ids = torch.stack([torch.cat(fwd), torch.cat(rev)], dim=1)  # (N, 2, L)
         self.texts = texts  # per scene: (caption, caption in reverse object order), tokenized as self.ids
@@ -156,6 +164,7 @@ class Pool:
         # caption order the object each token describes (-1: none)
         self.masks = torch.cat(masks)  # (N, MAX_OBJECTS, h, w)
         self.owners = torch.cat(owners)  # (N, 2, L)
+        self.shapes = torch.cat(shapes)  # (N, MAX_OBJECTS): each object's index in SHAPES (-1: absent)
 
     def __len__(self) -> int:
         return len(self.latents)
@@ -172,8 +181,8 @@ class Pool:
         return ["" if d else self.texts[i][o] for i, o, d in zip(idx.tolist(), order.tolist(), dropped.tolist())]
 
     def batch(self, gen: torch.Generator, n: int, dropout: float, *, grounding: bool = False):
-        """(latents, ids), or with `grounding` (latents, ids, masks, owners) for `grounding_loss`; the random
-        draws are the same either way."""
+        """(latents, ids), or with `grounding` (latents, ids, masks, owners, shapes) for `grounding_loss` and
+        `concept_grounding`; the random draws are the same either way."""
         idx, order, dropped = self.draw(gen, n, dropout)
         ids = self.ids[idx, order].clone()
         ids[dropped] = self.empty
@@ -181,7 +190,7 @@ class Pool:
             return self.latents[idx], ids
         owners = self.owners[idx, order].clone()
         owners[dropped] = -1
-        return self.latents[idx], ids, self.masks[idx], owners
+        return self.latents[idx], ids, self.masks[idx], owners, self.shapes[idx]
 
 
 def object_masks(scenes: list[Scene], size: int, latent_hw) -> torch.Tensor:
@@ -275,21 +284,25 @@ def diffusion_loss(unet, text_encoder, scheduler, latents, ids, t, noise, *, emp
 
 
 def training_loss(unet, text_encoder, scheduler, latents, ids, t, noise, *, empty=None, context_dropout=0.0,
-                  gen=None, prefix_dropout=0.0, grounding=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(v-prediction loss, grounding loss). The first is capped at low noise: weight min(snr + 1, 5) / (snr + 1).
+                  gen=None, prefix_dropout=0.0, grounding=None) -> tuple[torch.Tensor, ...]:
+    """(v-prediction loss, grounding loss), and the concept-grounding loss when the recorder has concepts. The first is capped at low noise: weight min(snr + 1, 5) / (snr + 1).
 
     That is min-SNR-5 in the v domain: plain v-loss (weight 1) up to snr = 4, where the layout is decided,
     and the min-SNR down-weighting of the detail steps beyond. (The usual min(snr, 5) / (snr + 1) goes to 0
     as snr -> 0, so with a zero-terminal-SNR schedule the steps that must read the layout from the text
     would hardly be trained.)
 
-    `grounding` is (recorder, masks, owners): a `TrainingAttention` installed on the UNet's cross-attention
-    layers and the batch's object masks and token owners (`Pool.batch(grounding=True)`); without it the
+    `grounding` is (recorder, masks, owners[, shapes]): a `TrainingAttention` installed on the UNet's cross-attention
+    layers and the batch's object masks, token owners and object shapes (`Pool.batch(grounding=True)`; the shapes
+    are needed when the recorder has concepts, `TrainingConcepts`); without it the
     grounding loss is 0. Tokens whose states were replaced by the empty prompt's (prefix or context dropout)
     are not grounded: they no longer name their object."""
     noisy = scheduler.add_noise(latents, noise, t)
     target = scheduler.get_velocity(latents, noise, t)
     states, cut = encode_text(text_encoder, ids, empty, context_dropout, gen, prefix_dropout, return_cut=True)
+    concepts = None if grounding is None else grounding[0].concepts
+    if concepts is not None:
+        concepts.encode(text_encoder)  # this step's weights: the gradient reaches the concepts' encoding
     pred = unet(noisy, t, states).sample
     alpha_bar = scheduler.alphas_cumprod.to(latents.device)[t]
     snr = alpha_bar / (1 - alpha_bar)
@@ -298,9 +311,12 @@ def training_loss(unet, text_encoder, scheduler, latents, ids, t, noise, *, empt
     v_loss = (weight * per_sample).mean()
     if grounding is None:
         return v_loss, torch.zeros(())
-    recorder, masks, owners = grounding
+    recorder, masks, owners, *shapes = grounding
     owners = torch.where(torch.arange(ids.shape[1])[None, :] < cut[:, None], owners, -1)
-    return v_loss, grounding_loss(recorder.maps, masks, owners, tuple(latents.shape[-2:]))
+    g_loss = grounding_loss(recorder.maps, masks, owners, tuple(latents.shape[-2:]))
+    if concepts is None:
+        return v_loss, g_loss
+    return v_loss, g_loss, concept_grounding(concepts.maps, masks, shapes[0], tuple(latents.shape[-2:]))
 
 
 class TrainingAttention:
@@ -310,11 +326,14 @@ class TrainingAttention:
     seed formula softmax(Q K^T / sqrt(d)) V and hands each layer's probabilities to `record`, so training
     grounds exactly the maps the app shows."""
 
-    def __init__(self):
+    def __init__(self, concepts: "TrainingConcepts | None" = None):
         self.maps: list[torch.Tensor] = []  # per layer: (B, queries, tokens), averaged over heads
+        self.concepts = concepts  # read by the capture processor (`record_concepts`), as a MapStore's
 
     def begin_call(self, latent_hw, timestep=None) -> None:
         self.maps = []
+        if self.concepts is not None:
+            self.concepts.maps, self.concepts.cache = [], {}
 
     def conditional(self, batch: int) -> slice:
         return slice(0, batch)  # no guidance in training: every image's maps are kept
@@ -324,6 +343,56 @@ class TrainingAttention:
 
     def flush(self) -> None:
         pass
+
+
+class TrainingConcepts:
+    """The shape names as concepts, for `concept_grounding`: encoded each step by the text encoder being trained,
+    in the app's concept template (`concepts.DEFAULT_TEMPLATE`, only the word's own tokens kept), and recorded
+    by the capture processor's concept path (`families.unet.record_concepts`, with gradients) as the "joint"
+    kind: each image query's softmax over the caption's tokens and the concepts, the concept columns kept."""
+
+    requires_grad = True  # record_concepts keeps the graph
+
+    def __init__(self, tokenizer, names=None):
+        from ..concepts import DEFAULT_TEMPLATE, concept_text, concept_token_positions
+
+        self.names = list(SHAPES if names is None else names)
+        self.ids = tokenize(tokenizer, [concept_text(n, DEFAULT_TEMPLATE) for n in self.names])
+        self.positions = [concept_token_positions(tokenizer, n, DEFAULT_TEMPLATE) for n in self.names]
+        if any(len(p) != 1 for p in self.positions):
+            raise ValueError(f"every concept must be one token of this tokenizer: {self.names}")
+        self.states: torch.Tensor | None = None
+        self.stores = {"joint": self}
+        self.cache: dict = {}
+        self.maps: list[torch.Tensor] = []  # per layer: (B, queries, concepts), averaged over heads
+
+    def encode(self, text_encoder) -> None:
+        hidden = text_encoder(self.ids)[0]  # (concepts, L, dim)
+        self.states = hidden[torch.arange(len(self.names)), [p[0] for p in self.positions]][None]  # (1, C, dim)
+        self.cache = {}
+
+    def record_attention(self, layer, query, key, mask, scale, columns=(0, None)) -> None:
+        scores = scale * query.float() @ key.float().transpose(-1, -2)  # (B, heads, Nq, T + C)
+        if mask is not None:
+            scores = scores + mask
+        self.maps.append(scores.softmax(-1)[..., columns[0]:columns[1]].mean(1))
+
+
+def concept_grounding(maps: list[torch.Tensor], masks: torch.Tensor, shapes: torch.Tensor,
+                      latent_hw: tuple[int, int]) -> torch.Tensor:
+    """`grounding_loss` for the concepts: each shape name's concept map against the union of the masks of the
+    scene's objects of that shape (shapes not in the scene are left out).
+
+    maps: per layer (B, queries, concepts), concept c = SHAPES[c]; masks: (B, objects, h, w); shapes: (B, objects),
+    each object's concept index or -1."""
+    if not maps:
+        return torch.zeros(())
+    concepts = maps[0].shape[-1]
+    which = F.one_hot(shapes.clamp_min(0), concepts).float() * (shapes >= 0)[..., None]  # (B, objects, C)
+    concept_masks = torch.einsum("boc,bohw->bchw", which, masks).clamp(max=1.0)  # (B, C, h, w)
+    present = which.amax(1) > 0  # (B, C)
+    owners = torch.where(present, torch.arange(concepts)[None, :], -1)
+    return grounding_loss(maps, concept_masks, owners, latent_hw)
 
 
 def record_attention(unet, recorder: TrainingAttention):
@@ -464,13 +533,16 @@ def main(argv: list[str] | None = None) -> int:
 
         return train_mmdit(argv)
     args = build_parser().parse_args(argv)
-    error = bad_value(args, dict(context_dropout=1.0, prefix_dropout=1.0, caption_dropout=1.0, grounding=math.inf))
+    error = bad_value(args, dict(context_dropout=1.0, prefix_dropout=1.0, caption_dropout=1.0, grounding=math.inf,
+                                 concept_grounding=math.inf))
     if error is None and args.init_from is not None and args.resume:
         error = "--init-from starts a new run and --resume continues one: give only one of them"
     if error is None and args.init_from is not None and args.vae is not None:
         error = "--init-from already brings its folder's VAE: drop --vae"
-    if error is None and args.model == "film" and args.grounding > 0:
-        error = f"--grounding {args.grounding}: --model film has no cross-attention maps to ground; drop it"
+    if error is None and args.model == "film" and (args.grounding > 0 or args.concept_grounding > 0):
+        flag = "--grounding" if args.grounding > 0 else "--concept-grounding"
+        error = (f"{flag} {max(args.grounding, args.concept_grounding)}: --model film has no cross-attention maps "
+                 "to ground; drop it")
     if error is not None:
         print(error, file=sys.stderr)
         return 2
@@ -577,22 +649,23 @@ def main(argv: list[str] | None = None) -> int:
     stop = args.steps if args.stop_after is None else min(args.steps, step + args.stop_after)
     bar = tqdm(total=args.steps, initial=step, desc="unet", mininterval=10, file=sys.stdout)
     smooth, tick = None, time.time()
-    grounding = args.grounding > 0
-    recorder = TrainingAttention()
+    grounding = args.grounding > 0 or args.concept_grounding > 0
+    recorder = TrainingAttention(TrainingConcepts(tokenizer) if args.concept_grounding > 0 else None)
     grounded = contextlib.ExitStack()
     if grounding:
         grounded.enter_context(record_attention(unet, recorder))
-    smooth_g = None
+    smooth_g = smooth_c = None
     while step < stop:
         batch = pool.batch(gen, args.batch_size, args.caption_dropout, grounding=grounding)
         latents, ids = batch[0] * scaling, batch[1]
         t = torch.randint(0, scheduler.config.num_train_timesteps, (len(ids),), generator=gen)
         noise = torch.randn(latents.shape, generator=gen)
-        v_loss, g_loss = training_loss(unet, text_encoder, scheduler, latents, ids, t, noise, empty=pool.empty,
-                                       context_dropout=args.context_dropout, gen=gen,
-                                       prefix_dropout=args.prefix_dropout,
-                                       grounding=(recorder, *batch[2:]) if grounding else None)
-        loss = v_loss + args.grounding * g_loss
+        v_loss, g_loss, *c_loss = training_loss(unet, text_encoder, scheduler, latents, ids, t, noise,
+                                                empty=pool.empty, context_dropout=args.context_dropout, gen=gen,
+                                                prefix_dropout=args.prefix_dropout,
+                                                grounding=(recorder, *batch[2:]) if grounding else None)
+        c_loss = c_loss[0] if c_loss else torch.zeros(())
+        loss = v_loss + args.grounding * g_loss + args.concept_grounding * c_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -604,11 +677,13 @@ def main(argv: list[str] | None = None) -> int:
         ema_update(ema_te, text_encoder, decay)
         smooth = v_loss.item() if smooth is None else 0.98 * smooth + 0.02 * v_loss.item()
         smooth_g = g_loss.item() if smooth_g is None else 0.98 * smooth_g + 0.02 * g_loss.item()
+        smooth_c = c_loss.item() if smooth_c is None else 0.98 * smooth_c + 0.02 * c_loss.item()
         bar.update(1)
         bar.set_postfix(loss=f"{smooth:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}", refresh=False)
         if step % args.log_every == 0:
             now = time.time()
-            g_text = f" grounding {smooth_g:.4f}" if grounding else ""
+            g_text = (f" grounding {smooth_g:.4f}" if args.grounding > 0 else "") + (
+                f" concepts {smooth_c:.4f}" if args.concept_grounding > 0 else "")
             bar.write(f"step {step}/{args.steps} loss {v_loss.item():.4f} smooth {smooth:.4f}{g_text} "
                       f"lr {sched.get_last_lr()[0]:.2e} {(now - tick) / args.log_every:.2f} s/step")
             sys.stdout.flush()
