@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .maps import MapStore, key_resolution, normalize, token_maps
+from .aggregate import normalize, token_maps
+from .maps import MapStore, key_resolution
 from .names import image_name
 from .tokens import PromptTokens, Word
 
