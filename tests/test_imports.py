@@ -7,8 +7,8 @@ import sys
 import pytest
 
 CORE = ["crossattn_sd", "crossattn_sd.processors", "crossattn_sd.compose", "crossattn_sd.maps", "crossattn_sd.aggregate",
-        "crossattn_sd.tokens", "crossattn_sd.pipeline", "crossattn_sd.result", "crossattn_sd.overlay",
-        "crossattn_sd.steering", "crossattn_sd.cli", "crossattn_sd.config"]
+        "crossattn_sd.tokens", "crossattn_sd.pipeline", "crossattn_sd.result", "crossattn_sd.bundle_load",
+        "crossattn_sd.overlay", "crossattn_sd.steering", "crossattn_sd.cli", "crossattn_sd.config"]
 
 
 def loaded_after(modules, watch):
