@@ -15,7 +15,7 @@ _LAZY = {
     "GenerationCancelled": "pipeline",
     "capture": "processors", "CaptureProcessor": "processors",
     "MapStore": "maps",
-    "GenerationResult": "result", "load_result": "result",
+    "GenerationResult": "result", "load_result": "bundle_load",
     "ProcessorSpec": "steering", "parse_weights": "steering", "PROCESSORS": "steering",
     "align_prompt": "tokens",
     "inspect_image": "inspect", "load_image": "inspect",

@@ -90,7 +90,7 @@ def read_bundle(zip_path: str | Path, scratch: str | Path | None = None, *, name
     Raises:
         ValueError: it is not a bundle, exceeds a limit, or its files are not one consistent result (one line).
     """
-    from .result import load_result
+    from .bundle_load import load_result
 
     zip_path = Path(zip_path)
     name = name or zip_path.name

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from crossattn_sd.bundle_load import load_result
 from crossattn_sd.cli import build_parser, main
-from crossattn_sd.result import load_result
 from crossattn_sd.tiny.segment import format_summary, main as seg_main
 from crossattn_sd.tiny.world import Scene, place, render
 

@@ -6,9 +6,9 @@ import sys
 
 import pytest
 
-CORE = ["crossattn_sd", "crossattn_sd.processors", "crossattn_sd.compose", "crossattn_sd.maps", "crossattn_sd.tokens",
-        "crossattn_sd.pipeline", "crossattn_sd.result", "crossattn_sd.overlay", "crossattn_sd.steering",
-        "crossattn_sd.cli", "crossattn_sd.config"]
+CORE = ["crossattn_sd", "crossattn_sd.processors", "crossattn_sd.compose", "crossattn_sd.maps", "crossattn_sd.aggregate",
+        "crossattn_sd.tokens", "crossattn_sd.pipeline", "crossattn_sd.result", "crossattn_sd.bundle_load",
+        "crossattn_sd.overlay", "crossattn_sd.steering", "crossattn_sd.cli", "crossattn_sd.config"]
 
 
 def loaded_after(modules, watch):
@@ -24,7 +24,7 @@ def loaded_after(modules, watch):
 @pytest.mark.parametrize("modules,forbidden", [
     (CORE, ["gradio"]),
     (["crossattn_sd"], ["torch", "diffusers", "transformers", "gradio", "numpy"]),
-    (["crossattn_sd.maps", "crossattn_sd.processors", "crossattn_sd.tokens"],
+    (["crossattn_sd.maps", "crossattn_sd.aggregate", "crossattn_sd.processors", "crossattn_sd.tokens"],
      ["matplotlib", "PIL", "diffusers", "gradio"]),
     (["crossattn_sd.config"], ["torch", "gradio"]),
 ], ids=["core-no-gradio", "package-is-lazy", "recording-draws-nothing", "config-light"])

@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 import crossattn_sd
+from crossattn_sd.bundle_load import load_result
 from crossattn_sd.inspect import MAX_PIXELS, inspect_image, load_image, model_view, noised
-from crossattn_sd.result import load_result
 from crossattn_sd.tiny.evaluate import iou, region
 from crossattn_sd.tiny.world import Scene, object_mask, place, render
 

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from crossattn_sd import generate
-from crossattn_sd.maps import MapStore, layer_hw, normalize, token_map, token_maps
+from crossattn_sd.aggregate import normalize, token_map, token_maps
+from crossattn_sd.maps import MapStore, layer_hw
 from crossattn_sd.processors import capture, guidance_probe, install, CaptureProcessor
 
 PROMPTS = ["a red circle on the left", "cat"]  # different token counts: misplaced maps would show

@@ -8,8 +8,8 @@ from PIL import Image
 
 from conftest import tiny_sd_pipeline
 from crossattn_sd import ProcessorSpec, generate, load_result
+from crossattn_sd.aggregate import token_map
 from crossattn_sd.result import GenerationResult
-from crossattn_sd.maps import token_map
 
 # 9 tokens of whole words, then "circle" (6 sub-tokens) is cut by the 14-token limit of the tiny tokenizer.
 PROMPT = "a red square and a blue square on the left circle"

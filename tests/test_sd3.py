@@ -8,9 +8,10 @@ from diffusers.models.attention_processor import JointAttnProcessor2_0
 
 from conftest import tiny_sd3_pipeline, tiny_t5_tokenizer
 from crossattn_sd import capture, generate, load_result
+from crossattn_sd.aggregate import token_maps
 from crossattn_sd.families import SD3Family, family_of
 from crossattn_sd.families.sd3 import JointCaptureProcessor
-from crossattn_sd.maps import MapStore, text_attention, token_maps
+from crossattn_sd.maps import MapStore, text_attention
 from crossattn_sd.processors import cross_attention_layers, install, layer_sizes
 from crossattn_sd.steering import ProcessorSpec
 

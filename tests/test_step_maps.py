@@ -8,7 +8,8 @@ import torch
 
 from conftest import tiny_sd3_pipeline, tiny_sd_pipeline
 from crossattn_sd import generate, load_result
-from crossattn_sd.maps import MapStore, resolution_key, token_maps
+from crossattn_sd.aggregate import token_maps
+from crossattn_sd.maps import MapStore, resolution_key
 from crossattn_sd.processors import CaptureProcessor, capture, guidance_probe, install
 from crossattn_sd.tokens import align_prompt, prompt_columns
 

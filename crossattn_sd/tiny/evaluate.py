@@ -182,7 +182,7 @@ def evaluate(pipe, n: int = 144, seed: int = 0, steps: int | None = None, guidan
 
 def summarize(index: list[dict], items, folder: Path, resolutions=None) -> dict:
     """The summary of an evaluation run by the batch engine: its index lines and bundles in `folder`."""
-    from ..result import load_result
+    from ..bundle_load import load_result
 
     tally = Tally()
     map_view = None

@@ -158,8 +158,8 @@ def _generated(pipe, items, scores: Scores, t: float, passes: int, out, progress
     """Generate the captions through the batch engine, then inspect each image and score both its inspection's
     maps and the generation's own maps."""
     from ..batch import make_rows, run_batch
+    from ..bundle_load import load_result
     from ..inspect import inspect_image
-    from ..result import load_result
 
     rows = make_rows([{"prompt": text, "seed": noise_seed} for text, _, noise_seed in items])
     with tempfile.TemporaryDirectory(prefix="eval-seg-") if out is None else nullcontext(out) as folder:
