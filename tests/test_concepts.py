@@ -166,9 +166,10 @@ def test_check_concepts_takes_a_comma_separated_string():
 def test_a_concept_equal_to_a_prompt_word_maps_close_to_that_word(embedded):
     """The concept "circle" against the prompt's "circle": close, not equal. The prompt word's state is contextual
     (the causal text encoder has read "a red" before it), the concept's is encoded in "a circle" alone. Measured
-    over 22 shape words of 12 held-out captions: region IoU 0.46 and correlation 0.64 on average; close for the
-    first-mentioned object (here IoU 0.88, correlation 0.98), far for the second (position 2 of "a {}" is where
-    the first object's words sit in every caption the model saw)."""
+    over 20 shape words of 12 held-out captions: region IoU 0.57 and correlation 0.75 on average; close for the
+    first-mentioned object (here IoU 0.91, correlation 0.98; over the 12 captions 0.73 / 0.87), less so for the
+    second (0.40 / 0.64: position 2 of "a {}" is where the first object's words sit in every caption the model
+    saw)."""
     from crossattn_sd.tiny.evaluate import iou, region
 
     result = crossattn_sd.generate(embedded, "a red circle on the left and a blue square on the right", seed=0,
