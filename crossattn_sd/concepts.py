@@ -122,6 +122,7 @@ class Concepts:
     cache: dict = field(default_factory=dict, repr=False)
     default_kind: str | None = None
     template: str = DEFAULT_TEMPLATE
+    requires_grad = False  # (a class constant, not a field) concept maps are read, not trained: no graph kept
 
     def __post_init__(self):
         if self.default_kind is None:

@@ -93,7 +93,8 @@ ProcessorFactory = Callable[..., object]  # (store, layer) or (store, layer, ori
 
 @contextmanager
 def install(model, store: MapStore, factory: ProcessorFactory, layers: str | Iterable[str] = "*",
-            latent_size: tuple[int, int] | int | None = None, *, none_ok: bool = False) -> Iterator[MapStore]:
+            latent_size: tuple[int, int] | int | None = None, *,
+            processors: dict | None = None) -> Iterator[MapStore]:
     """Install `factory(store, layer)` (or `factory(store, layer, original)`, given the layer's processor
     before installing) on the text-attention layers `layers` selects (glob patterns or resolutions, see
     `match_layers`; resolutions are those of a `latent_size` latent, default the model's `sample_size`);
@@ -108,24 +109,19 @@ def install(model, store: MapStore, factory: ProcessorFactory, layers: str | Ite
     the family does not record (a guidance call beside the conditional one, `Family.recorded_call`) runs with
     the original processors, swapped in for that call only.
     A model that already has this package's processors installed is refused (nesting would adopt them as the
-    "originals"). A model without text-attention layers (tiny-film's FiLM UNet) is an error naming the fix, or with
-    `none_ok` a block that records nothing and installs nothing.
+    "originals"). `processors`: the family's `attn_processors()` if the caller has just read them (each read is a
+    walk over the model).
     """
     family = model if isinstance(model, Family) else family_of(model)  # the per-call adapter
     model = family.model
     family.latent_hint = family.latent_hw(latent_size)
-    originals = dict(family.attn_processors())
+    originals = dict(family.attn_processors() if processors is None else processors)
     nested = [k for k, p in originals.items() if isinstance(p, Recorder)]
     if nested:
         raise RuntimeError(f"crossattn-sd processors are already installed on this {type(model).__name__} "
                            f"({nested[0].removesuffix('.processor')}, ...); finish the first capture() block before "
                            "starting another")
-    text_layers = family.layers(originals)  # (one read of the processors: each is a walk over the model)
-    if not text_layers and none_ok:
-        yield store
-        store.flush()
-        return
-    chosen = select_layers(family, layers, latent_size, text_layers)
+    chosen = select_layers(family, layers, latent_size, family.layers(originals))
     with_original = _takes_original(factory)
     new = {}
     for key, proc in originals.items():
@@ -239,9 +235,13 @@ def capture(pipe, mode: str = "exact", layers: str | Iterable[str] = "*", *, per
                      per_step_device=per_step_device, per_step_by=per_step_by)
     family = family_of(pipe)
     everything = all(sel.strip() == "*" for sel in ([layers] if isinstance(layers, str) else list(layers)))
+    processors = family.attn_processors()  # read once, for this check and for install
+    if everything and not family.layers(processors):  # no text attention at all (FiLM's UNet): nothing to record
+        yield store
+        return
     with concept_maps(pipe, family, store, concepts, concept_kind, concept_template), \
             install(family, store, lambda s, layer, original: family.processor(s, layer, mode, original), layers,
-                    latent_size, none_ok=everything):  # no text attention at all (FiLM): nothing to record
+                    latent_size, processors=processors):
         yield store
 
 

@@ -223,15 +223,15 @@ def test_grounding_trains_the_maps_the_app_shows():
     with train.record_attention(unet, recorder):
         losses = []
         for _ in range(15):
-            v_loss, g_loss = train.training_loss(unet, text_encoder, scheduler, latents, ids, t, noise,
-                                                 grounding=(recorder, masks, owners))
+            v_loss, g_loss, c_loss = train.training_loss(unet, text_encoder, scheduler, latents, ids, t, noise,
+                                                         grounding=(recorder, masks, owners))
             assert len(recorder.maps) == len(unet.attn_processors) // 2  # every cross-attention layer, once
             opt.zero_grad()
             g_loss.backward()
             opt.step()
             losses.append(g_loss.item())
         # with every caption cut after its first word, nothing is grounded
-        _, none = train.training_loss(unet, text_encoder, scheduler, latents, ids, t, noise, empty=pool.empty,
+        _, none, _ = train.training_loss(unet, text_encoder, scheduler, latents, ids, t, noise, empty=pool.empty,
                                       gen=torch.Generator().manual_seed(0), prefix_dropout=1.0,
                                       grounding=(recorder, masks, torch.where(owners == 0, owners, -1)))
     assert losses[-1] < 0.6 * losses[0], losses

@@ -164,7 +164,7 @@ def record_concepts(concepts, layer: str, attn, query: torch.Tensor, key: torch.
     Nothing here reaches the layer's output. A layer's concept keys are computed once per call (the concept
     states do not change between steps). Without gradients, unless `concepts.requires_grad` (the trainer's
     concept grounding, `tiny/train.py`)."""
-    with torch.set_grad_enabled(getattr(concepts, "requires_grad", False)):
+    with torch.set_grad_enabled(concepts.requires_grad):
         concept_key = concepts.cache.get(layer)
         if concept_key is None:
             states = concepts.states.to(device=key.device, dtype=attn.to_k.weight.dtype)

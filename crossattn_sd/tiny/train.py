@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..cli import HelpFormatter
-from ..maps import layer_hw
+from ..maps import layer_hw, text_attention
 from ..processors import CaptureProcessor, install
 from . import WEIGHTS_DIR, build
 from .judge import palette_labels
@@ -284,8 +284,9 @@ def diffusion_loss(unet, text_encoder, scheduler, latents, ids, t, noise, *, emp
 
 
 def training_loss(unet, text_encoder, scheduler, latents, ids, t, noise, *, empty=None, context_dropout=0.0,
-                  gen=None, prefix_dropout=0.0, grounding=None) -> tuple[torch.Tensor, ...]:
-    """(v-prediction loss, grounding loss), and the concept-grounding loss when the recorder has concepts. The first is capped at low noise: weight min(snr + 1, 5) / (snr + 1).
+                  gen=None, prefix_dropout=0.0, grounding=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(v-prediction loss, grounding loss, concept-grounding loss); the last is 0 unless the recorder has concepts.
+    The first is capped at low noise: weight min(snr + 1, 5) / (snr + 1).
 
     That is min-SNR-5 in the v domain: plain v-loss (weight 1) up to snr = 4, where the layout is decided,
     and the min-SNR down-weighting of the detail steps beyond. (The usual min(snr, 5) / (snr + 1) goes to 0
@@ -310,13 +311,13 @@ def training_loss(unet, text_encoder, scheduler, latents, ids, t, noise, *, empt
     per_sample = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
     v_loss = (weight * per_sample).mean()
     if grounding is None:
-        return v_loss, torch.zeros(())
+        return v_loss, torch.zeros(()), torch.zeros(())
     recorder, masks, owners, *shapes = grounding
     owners = torch.where(torch.arange(ids.shape[1])[None, :] < cut[:, None], owners, -1)
     g_loss = grounding_loss(recorder.maps, masks, owners, tuple(latents.shape[-2:]))
-    if concepts is None:
-        return v_loss, g_loss
-    return v_loss, g_loss, concept_grounding(concepts.maps, masks, shapes[0], tuple(latents.shape[-2:]))
+    c_loss = (torch.zeros(()) if concepts is None
+              else concept_grounding(concepts.maps, masks, shapes[0], tuple(latents.shape[-2:])))
+    return v_loss, g_loss, c_loss
 
 
 class TrainingAttention:
@@ -333,7 +334,7 @@ class TrainingAttention:
     def begin_call(self, latent_hw, timestep=None) -> None:
         self.maps = []
         if self.concepts is not None:
-            self.concepts.maps, self.concepts.cache = [], {}
+            self.concepts.maps = []
 
     def conditional(self, batch: int) -> slice:
         return slice(0, batch)  # no guidance in training: every image's maps are kept
@@ -369,13 +370,11 @@ class TrainingConcepts:
     def encode(self, text_encoder) -> None:
         hidden = text_encoder(self.ids)[0]  # (concepts, L, dim)
         self.states = hidden[torch.arange(len(self.names)), [p[0] for p in self.positions]][None]  # (1, C, dim)
-        self.cache = {}
+        self.cache = {}  # each layer's concept keys, from these states
 
     def record_attention(self, layer, query, key, mask, scale, columns=(0, None)) -> None:
-        scores = scale * query.float() @ key.float().transpose(-1, -2)  # (B, heads, Nq, T + C)
-        if mask is not None:
-            scores = scores + mask
-        self.maps.append(scores.softmax(-1)[..., columns[0]:columns[1]].mean(1))
+        """The store's softmax (`maps.text_attention`), kept with its graph rather than deferred."""
+        self.maps.append(text_attention(query.float(), key.float(), scale, mask, columns)[0])
 
 
 def concept_grounding(maps: list[torch.Tensor], masks: torch.Tensor, shapes: torch.Tensor,
@@ -539,10 +538,11 @@ def main(argv: list[str] | None = None) -> int:
         error = "--init-from starts a new run and --resume continues one: give only one of them"
     if error is None and args.init_from is not None and args.vae is not None:
         error = "--init-from already brings its folder's VAE: drop --vae"
-    if error is None and args.model == "film" and (args.grounding > 0 or args.concept_grounding > 0):
-        flag = "--grounding" if args.grounding > 0 else "--concept-grounding"
-        error = (f"{flag} {max(args.grounding, args.concept_grounding)}: --model film has no cross-attention maps "
-                 "to ground; drop it")
+    if error is None and args.model == "film":
+        flag, weight = (("--grounding", args.grounding) if args.grounding > 0
+                        else ("--concept-grounding", args.concept_grounding))
+        if weight > 0:
+            error = f"{flag} {weight}: --model film has no cross-attention maps to ground; drop it"
     if error is not None:
         print(error, file=sys.stderr)
         return 2
@@ -660,11 +660,10 @@ def main(argv: list[str] | None = None) -> int:
         latents, ids = batch[0] * scaling, batch[1]
         t = torch.randint(0, scheduler.config.num_train_timesteps, (len(ids),), generator=gen)
         noise = torch.randn(latents.shape, generator=gen)
-        v_loss, g_loss, *c_loss = training_loss(unet, text_encoder, scheduler, latents, ids, t, noise,
-                                                empty=pool.empty, context_dropout=args.context_dropout, gen=gen,
-                                                prefix_dropout=args.prefix_dropout,
-                                                grounding=(recorder, *batch[2:]) if grounding else None)
-        c_loss = c_loss[0] if c_loss else torch.zeros(())
+        v_loss, g_loss, c_loss = training_loss(unet, text_encoder, scheduler, latents, ids, t, noise,
+                                               empty=pool.empty, context_dropout=args.context_dropout, gen=gen,
+                                               prefix_dropout=args.prefix_dropout,
+                                               grounding=(recorder, *batch[2:]) if grounding else None)
         loss = v_loss + args.grounding * g_loss + args.concept_grounding * c_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
