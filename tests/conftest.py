@@ -252,6 +252,47 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
+def chromium():
+    """Headless Chromium through Playwright (after `require_chromium`), closed on exit."""
+    require_chromium()
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+def open_app(browser, url: str, viewport: dict, timeout: int):
+    """A new page on the app at `url`, once the app has drawn itself (it is drawn by script after the page loads)."""
+    page = browser.new_page(viewport=viewport)
+    page.set_default_timeout(timeout)
+    page.goto(url)
+    page.locator("#generate").wait_for()
+    return page
+
+
+def shown(page, selector: str):
+    """The pixels (H, W, 3) of the image a component shows, fetched from the server as the page did."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    src = page.locator(f"{selector} img").first.get_attribute("src")
+    with Image.open(io.BytesIO(page.request.get(src).body())) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def wait_changed(page, selector: str, old_src: str | None) -> None:
+    """Wait until the component's image is another than `old_src`."""
+    page.wait_for_function("([sel, old]) => { const i = document.querySelector(sel + ' img'); "
+                           "return i && i.src !== old; }", arg=[selector, old_src])
+
+
+@contextlib.contextmanager
 def serve_app(service):
     """The app for `service`, served on a free loopback port; yields its URL."""
     from crossattn_sd.ui import build_demo, launch

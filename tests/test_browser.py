@@ -7,13 +7,12 @@ a message saying how to install it (CROSSATTN_SD_SKIP_BROWSER=1 skips them inste
 """
 
 import dataclasses
-import io
 import re
 
 import numpy as np
 import pytest
-from conftest import CHROMIUM, CHROMIUM_ARGS, require_chromium, serve_app, tiny_sd_pipeline
-from test_ui import PRESET, PROMPT, pixels, pytestmark  # noqa: F401 (pytestmark: the same warning filters)
+from conftest import chromium, open_app, serve_app, shown, tiny_sd_pipeline, wait_changed
+from test_ui import PRESET, PROMPT, pytestmark  # noqa: F401 (pytestmark: the same warning filters)
 
 from crossattn_sd.service import AttentionService, GenerateRequest
 from crossattn_sd.ui import enlarged
@@ -28,22 +27,14 @@ def service():
 
 @pytest.fixture(scope="module")
 def browser(service):
-    require_chromium()
-    from playwright.sync_api import sync_playwright
-
-    with serve_app(service) as url, sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+    with serve_app(service) as url, chromium() as browser:
         browser.url = url
         yield browser
-        browser.close()
 
 
 @pytest.fixture
 def page(browser):
-    page = browser.new_page(viewport={"width": 1400, "height": 1000})
-    page.set_default_timeout(TIMEOUT)
-    page.goto(browser.url)
-    page.locator("#generate").wait_for()  # the app is drawn by script after the page loads
+    page = open_app(browser, browser.url, {"width": 1400, "height": 1000}, TIMEOUT)
     yield page
     page.close()
 
@@ -55,17 +46,6 @@ def generate(page, prompt: str = PROMPT) -> None:
     page.locator("#generate").click()
     page.wait_for_function("old => { const i = document.querySelector('#overlay img'); return i && i.src !== old; }",
                            arg=old)
-
-
-def shown(page, selector: str) -> np.ndarray:
-    """The pixels of the image a component shows, fetched from the server as the page did."""
-    src = page.locator(f"{selector} img").first.get_attribute("src")
-    return pixels(io.BytesIO(page.request.get(src).body()))
-
-
-def wait_changed(page, selector: str, old_src: str | None) -> None:
-    page.wait_for_function("([sel, old]) => { const i = document.querySelector(sel + ' img'); "
-                           "return i && i.src !== old; }", arg=[selector, old_src])
 
 
 def text(page, selector: str) -> str:

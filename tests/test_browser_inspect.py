@@ -7,7 +7,7 @@ import zipfile
 
 import numpy as np
 import pytest
-from conftest import CHROMIUM, CHROMIUM_ARGS, require_chromium, serve_app
+from conftest import chromium, open_app, serve_app, shown, wait_changed
 from PIL import Image
 from test_ui import pixels, pytestmark  # noqa: F401 (pytestmark: the same warning filters)
 
@@ -29,32 +29,14 @@ def service():
 
 @pytest.fixture(scope="module")
 def page(service):
-    require_chromium()
-    from playwright.sync_api import sync_playwright
-
-    with serve_app(service) as url, sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1600, "height": 1100})  # the result column's seven tabs in one row
-        page.set_default_timeout(TIMEOUT)
-        page.goto(url)
-        page.locator("#generate").wait_for()
-        yield page
-        browser.close()
-
-
-def shown(page, selector: str) -> np.ndarray:
-    src = page.locator(f"{selector} img").first.get_attribute("src")
-    return pixels(io.BytesIO(page.request.get(src).body()))
+    with serve_app(service) as url, chromium() as browser:
+        # the result column's seven tabs in one row
+        yield open_app(browser, url, {"width": 1600, "height": 1100}, TIMEOUT)
 
 
 def src(page, selector: str):
     img = page.locator(f"{selector} img")
     return img.first.get_attribute("src") if img.count() else None
-
-
-def wait_changed(page, selector: str, old) -> None:
-    page.wait_for_function("([sel, old]) => { const i = document.querySelector(sel + ' img'); "
-                           "return i && i.src !== old; }", arg=[selector, old])
 
 
 def test_upload_inspect_pick_a_word_filter_and_export(page, service, tmp_path):

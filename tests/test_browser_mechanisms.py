@@ -2,13 +2,12 @@
 side by side, each image next to the judge's verdict and, for the attention models, the word's map; tiny-film says
 why it has none. The models are the packaged ones (they load when the tab first runs)."""
 import contextlib
-import io
 
 import numpy as np
 import pytest
 import torch
-from conftest import CHROMIUM, CHROMIUM_ARGS, free_port, require_chromium, tiny_sd_pipeline
-from test_ui import PRESET, pixels, pytestmark  # noqa: F401 (pytestmark: the same warning filters)
+from conftest import chromium, free_port, open_app, shown, tiny_sd_pipeline
+from test_ui import PRESET, pytestmark  # noqa: F401 (pytestmark: the same warning filters)
 
 from crossattn_sd.mechanisms import MODELS, Mechanisms
 from crossattn_sd.service import AttentionService
@@ -26,26 +25,12 @@ def mechanisms():
 
 @pytest.fixture(scope="module")
 def page(mechanisms):
-    require_chromium()
-    from playwright.sync_api import sync_playwright
-
     from crossattn_sd.ui import build_demo, launch
 
     demo = build_demo(AttentionService(PRESET, pipe=tiny_sd_pipeline(0)), mechanisms)
     _, url, _ = launch(demo, server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
-    with contextlib.closing(demo), sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1600, "height": 1200})
-        page.set_default_timeout(TIMEOUT)
-        page.goto(url)
-        page.locator("#generate").wait_for()
-        yield page
-        browser.close()
-
-
-def shown(page, selector: str) -> np.ndarray:
-    src = page.locator(f"{selector} img").first.get_attribute("src")
-    return pixels(io.BytesIO(page.request.get(src).body()))
+    with contextlib.closing(demo), chromium() as browser:
+        yield open_app(browser, url, {"width": 1600, "height": 1200}, TIMEOUT)
 
 
 def test_mechanisms_tab_shows_four_models_side_by_side(page, mechanisms, tmp_path):
