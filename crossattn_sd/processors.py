@@ -6,8 +6,11 @@ architecture. Each family's processor computes the layer's output exactly as Dif
 ("exact" mode, bit-identical images) or spelled out as probs @ V ("explicit" mode, for steering and training),
 plus one call that hands the attention to a `MapStore`.
 
-Processors are installed and restored only through Diffusers' public API (`attn_processors`,
-`set_attn_processor` with every key filled); layers that see no text keep whatever processor they had.
+Processors are installed and restored only through Diffusers' public API: each attention layer's
+`get_processor` / `set_processor`, the calls `AttentionMixin.attn_processors` / `set_attn_processor` make, on the
+layers one walk over the model finds (`Family.attn_processors`; Diffusers' pair walks the model three times per
+set, ~1 % of a generation on the embedded model), every layer given; layers that see no text keep whatever
+processor they had.
 """
 
 from __future__ import annotations
@@ -102,7 +105,7 @@ def install(model, store: MapStore, factory: ProcessorFactory, layers: str | Ite
 
     `model` is a denoiser (UNet, transformer), a pipeline, or a family adapter (`families.family_of`) whose
     processors the factory makes (per-call state such as Flux's text length lives in it). Every key of the family's
-    `attn_processors()` (the model's, or for a model without them each layer's) is filled in one
+    `attn_processors()` (each attention layer's, as Diffusers' `attn_processors` lists them) is filled in one
     `set_attn_processor` call: unmatched layers keep their processor. A forward pre-hook on the model tells the
     store where each model evaluation starts, with the latent size (maps are reshaped from it, so non-square
     images work) and the timestep; the store places each layer's tokens on the grid the family gives. A call

@@ -1,4 +1,6 @@
 """The recording processor: images equal Diffusers' own processor's, call counts, install/restore, layer choice."""
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -187,3 +189,52 @@ def test_capture_works_on_a_bare_unet(sd_pipe):
     assert torch.equal(ours, reference)
     assert store.num_images == 2 and store.timesteps == [10.0]
     assert store.resolutions() == [(8, 12), (4, 6)]
+
+
+# Every family's full-size denoiser (published configs, weights on the meta device), by Diffusers class.
+FULL_SIZE = {"sd15_unet.json": "UNet2DConditionModel", "sd35_medium_transformer.json": "SD3Transformer2DModel",
+             "flux1_dev_transformer.json": "FluxTransformer2DModel",
+             "flux2_klein_4b_transformer.json": "Flux2Transformer2DModel",
+             "chroma1_hd_transformer.json": "ChromaTransformer2DModel",
+             "qwen_image_transformer.json": "QwenImageTransformer2DModel",
+             "sana_1600m_1024px_transformer.json": "SanaTransformer2DModel",
+             "z_image_turbo_transformer.json": "ZImageTransformer2DModel"}
+
+
+@pytest.mark.parametrize("config", sorted(FULL_SIZE))
+def test_the_family_reads_and_sets_processors_as_diffusers_does(config):
+    """`Family.attn_processors` / `set_attn_processor` go through each layer's `get_processor` / `set_processor`
+    after one walk: the same keys, order and objects as Diffusers' `AttentionMixin.attn_processors` (also on
+    Z-Image, which lacks the mixin), what Diffusers then reads back is what was set, and a dict that misses a
+    layer or names one the model lacks is refused without setting anything."""
+    import json
+    from pathlib import Path
+
+    import diffusers
+    from accelerate import init_empty_weights
+    from diffusers.models.attention import AttentionMixin
+
+    from crossattn_sd.families import family_of
+
+    with init_empty_weights():
+        model = getattr(diffusers, FULL_SIZE[config]).from_config(
+            json.loads((Path(__file__).parent / "configs" / config).read_text()))
+    diffusers_read = AttentionMixin.attn_processors.fget  # the mixin's own walk
+    family = family_of(model)
+    ours, theirs = family.attn_processors(), diffusers_read(model)
+    assert len(ours) > 10 and list(ours) == list(theirs) and all(ours[k] is theirs[k] for k in theirs)
+
+    markers = {key: AttnProcessor2_0() for key in ours}
+    given = dict(markers)
+    family.set_attn_processor(given)
+    assert given == markers  # not emptied, unlike Diffusers' set_attn_processor
+    assert all(p is markers[k] for k, p in diffusers_read(model).items())
+    first = next(iter(ours))
+    with pytest.raises(ValueError, match=rf"needs one processor for each of the {len(ours)} attention layers of "
+                                         rf"the {type(model).__name__}; '{re.escape(first)}' is missing"):
+        family.set_attn_processor({k: p for k, p in ours.items() if k != first})
+    with pytest.raises(ValueError, match=r"'nope\.processor' is not one of them"):
+        family.set_attn_processor({**ours, "nope.processor": AttnProcessor2_0()})
+    assert all(p is markers[k] for k, p in diffusers_read(model).items())  # nothing was set by the refusals
+    family_of(model).set_attn_processor(ours)  # a fresh adapter walks for itself
+    assert all(p is ours[k] for k, p in diffusers_read(model).items())

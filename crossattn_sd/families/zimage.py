@@ -10,9 +10,9 @@
   the caption's, from its first token to the end of the longest recorded caption.
 - Guidance is batched as [conditional, unconditional] on copies of the same latents (`latents.repeat(2, ...)`):
   a call whose two halves hold equal latents is recorded from its first half.
-- The model has no `attn_processors` / `set_attn_processor` (it lacks Diffusers' `AttentionMixin`): the family
-  reads the processors with `AttentionMixin`'s own implementation and sets them as `AttentionMixin` does, through
-  each attention layer's public `get_processor` / `set_processor`.
+- The model has no `attn_processors` / `set_attn_processor` (it lacks Diffusers' `AttentionMixin`): nothing
+  changes, as every family reads and sets processors through each attention layer's public `get_processor` /
+  `set_processor` (`Family.attn_processors`).
 
 Text positions: Qwen3's over the pipeline's chat template (`enable_thinking=True`), the template's tokens included:
 the pipeline keeps the unpadded tokens, and the transformer pads them to a multiple of 32. The prompt's own tokens
@@ -148,18 +148,6 @@ class ZImageFamily(PatchGrid, Family):
         self.text_start = 0  # where its caption starts (the image padded to a multiple of 32)
         self.num_text = 0  # and the longest recorded caption, padded to a multiple of 32
         self.cfg_halves = False  # whether this call's batch is [conditional, unconditional]
-
-    def attn_processors(self) -> dict:
-        from diffusers.models.attention import AttentionMixin
-
-        return AttentionMixin.attn_processors.fget(self.model)
-
-    def set_attn_processor(self, processors: dict) -> None:
-        """Each layer's public `set_processor` (what `AttentionMixin.set_attn_processor` calls), every layer given."""
-        if set(processors) != set(self.attn_processors()):
-            raise ValueError("set_attn_processor needs one processor for every attention layer of the model")
-        for key, processor in processors.items():
-            self.model.get_submodule(key.removesuffix(".processor")).set_processor(processor)
 
     def is_text_layer(self, name: str, module) -> bool:
         return name.startswith("layers.") and name.endswith(".attention")  # not the refiners
