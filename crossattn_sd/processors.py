@@ -140,7 +140,7 @@ def install(model, store: MapStore, factory: ProcessorFactory, layers: str | Ite
 
     def on_model_call(module, args, kwargs):
         if not family.recorded_call(args, kwargs):  # e.g. Flux's negative prompt: Diffusers' own, unrecorded
-            family.set_attn_processor(dict(originals))
+            family.set_attn_processor(originals)
             guidance_call.append(True)
             return
         step = family.step_input(args, kwargs)
@@ -154,17 +154,17 @@ def install(model, store: MapStore, factory: ProcessorFactory, layers: str | Ite
     def after_model_call(module, args, output):
         if guidance_call:
             guidance_call.clear()
-            family.set_attn_processor(dict(new))
+            family.set_attn_processor(new)
 
     hooks = [model.register_forward_pre_hook(on_model_call, with_kwargs=True),
              model.register_forward_hook(after_model_call)]
     try:
-        family.set_attn_processor(dict(new))  # (set_attn_processor empties the dict it is given)
+        family.set_attn_processor(new)
         yield store
     finally:
         for hook in hooks:
             hook.remove()
-        family.set_attn_processor(dict(originals))
+        family.set_attn_processor(originals)
     store.flush()  # the maps are complete when the block ends
 
 
