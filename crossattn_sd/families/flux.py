@@ -98,6 +98,43 @@ class FluxRecorder(Recorder):
         return torch.matmul(probs.view(batch_size, heads, n, n), value).transpose(1, 2)
 
 
+def joint_qkv(attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None,
+              image_rotary_emb, get_qkv_projections) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Query, key and value (B, N, heads, d) of a double-stream block over the joined [text; image] sequence,
+    normalised and rotated: the lines Diffusers' `FluxAttnProcessor` and `Flux2AttnProcessor` share before their
+    attention call, with the model's own `_get_qkv_projections` (`transformer_flux` or `transformer_flux2`)."""
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    query, key, value, encoder_query, encoder_key, encoder_value = get_qkv_projections(
+        attn, hidden_states, encoder_hidden_states
+    )
+
+    query = query.unflatten(-1, (-1, attn.head_dim))
+    key = key.unflatten(-1, (-1, attn.head_dim))
+    value = value.unflatten(-1, (-1, attn.head_dim))
+
+    query = attn.norm_q(query)
+    key = attn.norm_k(key)
+
+    if attn.added_kv_proj_dim is not None:
+        encoder_query = encoder_query.unflatten(-1, (-1, attn.head_dim))
+        encoder_key = encoder_key.unflatten(-1, (-1, attn.head_dim))
+        encoder_value = encoder_value.unflatten(-1, (-1, attn.head_dim))
+
+        encoder_query = attn.norm_added_q(encoder_query)
+        encoder_key = attn.norm_added_k(encoder_key)
+
+        query = torch.cat([encoder_query, query], dim=1)
+        key = torch.cat([encoder_key, key], dim=1)
+        value = torch.cat([encoder_value, value], dim=1)
+
+    if image_rotary_emb is not None:
+        query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+        key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+
+    return query, key, value
+
+
 class FluxCaptureProcessor(FluxRecorder):
     """`FluxAttnProcessor` with its attention call replaced by `FluxRecorder.attend` (records the image queries'
     attention to the text tokens)."""
@@ -110,36 +147,10 @@ class FluxCaptureProcessor(FluxRecorder):
         attention_mask: torch.Tensor | None = None,
         image_rotary_emb: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        from diffusers.models.embeddings import apply_rotary_emb
         from diffusers.models.transformers.transformer_flux import _get_qkv_projections
 
-        query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(
-            attn, hidden_states, encoder_hidden_states
-        )
-
-        query = query.unflatten(-1, (-1, attn.head_dim))
-        key = key.unflatten(-1, (-1, attn.head_dim))
-        value = value.unflatten(-1, (-1, attn.head_dim))
-
-        query = attn.norm_q(query)
-        key = attn.norm_k(key)
-
-        if attn.added_kv_proj_dim is not None:
-            encoder_query = encoder_query.unflatten(-1, (-1, attn.head_dim))
-            encoder_key = encoder_key.unflatten(-1, (-1, attn.head_dim))
-            encoder_value = encoder_value.unflatten(-1, (-1, attn.head_dim))
-
-            encoder_query = attn.norm_added_q(encoder_query)
-            encoder_key = attn.norm_added_k(encoder_key)
-
-            query = torch.cat([encoder_query, query], dim=1)
-            key = torch.cat([encoder_key, key], dim=1)
-            value = torch.cat([encoder_value, value], dim=1)
-
-        if image_rotary_emb is not None:
-            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
-
+        query, key, value = joint_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb,
+                                      _get_qkv_projections)
         hidden_states = self.attend(query, key, value, attention_mask, encoder_hidden_states)
         hidden_states = hidden_states.flatten(2, 3)
         hidden_states = hidden_states.to(query.dtype)
