@@ -1,7 +1,9 @@
 """Shared fixtures: seeded tiny random-weight Stable Diffusion pipelines, built offline (as Diffusers' tests do)."""
 
 import contextlib
+import json
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -354,3 +356,45 @@ def tiny_flux2_pipeline(seed: int = 0, max_length: int = 24):
                               tokenizer=tokenizer, transformer=transformer, is_distilled=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+CONFIGS = Path(__file__).parent / "configs"  # published configs of full-size denoisers
+
+
+def meta_model(class_name: str, config: str, include_buffers: bool = False):
+    """A full-size Diffusers model (class `class_name`) from its published config in tests/configs/, weights on
+    the meta device: no memory, no values, every shape. `include_buffers` puts buffers there too (SD3's
+    positional table is made on the CPU otherwise)."""
+    import diffusers
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=include_buffers):
+        return getattr(diffusers, class_name).from_config(json.loads((CONFIGS / config).read_text()))
+
+
+def check_meta_capture(model, layers: list[str], processor_types, args: dict, grid: int, text: int,
+                       untouched=(), **capture_kwargs):
+    """One shapes-only forward of a meta-device `model` with `args` inside `capture(model, **capture_kwargs)`:
+    inside the block each of `layers` has a processor of `processor_types` (one type for all, or a list, one per
+    layer) and the keys in `untouched` keep theirs; the store records exactly `layers`, each on the (grid, grid)
+    token grid, the first over `text` columns; afterwards every processor is the one from before. Processors are
+    read with Diffusers' own `AttentionMixin.attn_processors` walk (also on a model without the mixin)."""
+    from diffusers.models.attention import AttentionMixin
+
+    from crossattn_sd import capture
+
+    read = AttentionMixin.attn_processors.fget
+    before = read(model)
+    types = processor_types if isinstance(processor_types, list) else [processor_types] * len(layers)
+    with capture(model, **capture_kwargs) as store:
+        inside = read(model)
+        assert all(isinstance(inside[f"{l}.processor"], t) for l, t in zip(layers, types, strict=True))
+        assert all(inside[k] is before[k] for k in untouched)
+        with torch.no_grad():
+            model(**args)
+    assert store.layers == layers
+    assert {store.layer_shape(l) for l in layers} == {(grid, grid)}
+    assert store.sums[layers[0]].shape == (1, grid, grid, text)
+    after = read(model)
+    assert list(after) == list(before) and all(p is before[k] for k, p in after.items())
+    return store

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from crossattn_sd.batch import WORK, read_rows
+from crossattn_sd.batch import WORK
 from crossattn_sd.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,14 +1,12 @@
 """Chroma (FLUX.1's blocks, a mask over the T5 padding, guidance as a second transformer call): exact images,
 maps under the layer's mask on the packed grid, one step per denoising step, words, reweight, and the full
 Chroma1-HD transformer on the meta device."""
-import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_t5_tokenizer
+from conftest import check_meta_capture, meta_model, tiny_t5_tokenizer
 from crossattn_sd import capture, generate
 from crossattn_sd.families import ChromaFamily, family_of
 from crossattn_sd.families.flux import FluxCaptureProcessor
@@ -20,7 +18,6 @@ PROMPT = "a red circle on the left"
 WORDS = ["a", "red", "circle", "on", "the", "left"]
 T5_LENGTH = 12
 KW = dict(steps=2, guidance_scale=4.0, height=32, width=48, max_sequence_length=T5_LENGTH)
-CONFIGS = Path(__file__).parent / "configs"
 
 
 def tiny_chroma_pipeline(seed: int = 0):
@@ -165,37 +162,15 @@ def test_generate_words_maps_unknown_word_and_reweight(pipe):
 def test_full_chroma1_hd_transformer_on_the_meta_device():
     """Chroma1-HD's config (tests/configs/), weights on the meta device: all 57 attention layers found, processors
     installed and restored, and a shapes-only forward at 1024 px yields maps on the 64 x 64 token grid."""
-    from accelerate import init_empty_weights
-    from diffusers import ChromaTransformer2DModel
-
-    config = json.loads((CONFIGS / "chroma1_hd_transformer.json").read_text())
-    with init_empty_weights():
-        transformer = ChromaTransformer2DModel.from_config(config)
+    transformer = meta_model("ChromaTransformer2DModel", "chroma1_hd_transformer.json")
     layers = cross_attention_layers(transformer)
     assert len(layers) == 19 + 38 and layers[0] == "transformer_blocks.0.attn"
     assert layers[-1] == "single_transformer_blocks.37.attn"
-    before = dict(transformer.attn_processors)
     meta = dict(device="meta")
     grid, text = 64, 512  # 1024 px / VAE factor 8 / 2x2 packing; the pipeline's max_sequence_length
     args = dict(hidden_states=torch.empty(1, grid * grid, 64, **meta),
                 encoder_hidden_states=torch.empty(1, text, 4096, **meta), timestep=torch.empty(1, **meta),
                 img_ids=torch.empty(grid * grid, 3, **meta), txt_ids=torch.empty(text, 3, **meta),
                 attention_mask=torch.empty(1, text + grid * grid, **meta))
-    with capture(transformer, latent_size=(128, 128)) as store:
-        assert all(isinstance(transformer.attn_processors[f"{l}.processor"], FluxCaptureProcessor) for l in layers)
-        with torch.no_grad():
-            transformer(**args)
-    assert store.layers == layers
-    assert {store.layer_shape(l) for l in layers} == {(grid, grid)}
-    assert store.sums[layers[0]].shape == (1, grid, grid, text)
-    assert all(p is before[k] for k, p in transformer.attn_processors.items())
+    check_meta_capture(transformer, layers, FluxCaptureProcessor, args, grid, text, latent_size=(128, 128))
     assert ChromaFamily(transformer).layer_sizes((128, 96))[layers[-1]] == (64, 48)
-
-
-def test_an_unsupported_family_is_named_with_the_supported_ones_chroma_among_them():
-    PixArtSigmaPipeline = type("PixArtSigmaPipeline", (), {})
-    fake = PixArtSigmaPipeline()
-    fake.transformer = torch.nn.Linear(2, 2)
-    with pytest.raises(ValueError, match=r"^crossattn-sd does not support PixArtSigmaPipeline \(denoiser Linear\); "
-                                         r"supported: UNet2DConditionModel .*ChromaTransformer2DModel \(Chroma\)"):
-        capture(fake).__enter__()

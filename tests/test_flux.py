@@ -1,13 +1,11 @@
 """Flux joint attention: exact images, double- and single-stream maps on the packed grid, words, bundles, reweight,
 and the full FLUX.1-dev transformer on the meta device."""
-import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_flux_pipeline
+from conftest import check_meta_capture, meta_model, tiny_flux_pipeline
 from crossattn_sd import capture, generate, load_result
 from crossattn_sd.families import FluxFamily, family_of
 from crossattn_sd.families.flux import FluxCaptureProcessor
@@ -19,7 +17,6 @@ PROMPT = "a red circle on the left"
 WORDS = ["a", "red", "circle", "on", "the", "left"]
 T5_LENGTH = 12
 KW = dict(steps=2, guidance_scale=3.5, height=32, width=48, max_sequence_length=T5_LENGTH)
-CONFIGS = Path(__file__).parent / "configs"
 
 
 @pytest.fixture(scope="module")
@@ -177,16 +174,10 @@ def test_edit_injects_the_sources_text_share(pipe):
 def test_full_flux1_dev_transformer_on_the_meta_device():
     """FLUX.1-dev's published config, weights on the meta device: all 57 attention layers found, processors
     installed and restored, and a shapes-only forward at 1024 px yields maps on the 64 x 64 token grid."""
-    from accelerate import init_empty_weights
-    from diffusers import FluxTransformer2DModel
-
-    config = json.loads((CONFIGS / "flux1_dev_transformer.json").read_text())
-    with init_empty_weights():
-        transformer = FluxTransformer2DModel.from_config(config)
+    transformer = meta_model("FluxTransformer2DModel", "flux1_dev_transformer.json")
     layers = cross_attention_layers(transformer)
     assert len(layers) == 19 + 38 and layers[0] == "transformer_blocks.0.attn"
     assert layers[-1] == "single_transformer_blocks.37.attn"
-    before = dict(transformer.attn_processors)
     meta = dict(device="meta")
     grid = 64  # 1024 px / VAE factor 8 / 2x2 packing
     args = dict(hidden_states=torch.empty(1, grid * grid, 64, **meta),
@@ -194,14 +185,7 @@ def test_full_flux1_dev_transformer_on_the_meta_device():
                 pooled_projections=torch.empty(1, 768, **meta), timestep=torch.empty(1, **meta),
                 img_ids=torch.empty(grid * grid, 3, **meta), txt_ids=torch.empty(512, 3, **meta),
                 guidance=torch.empty(1, **meta))
-    with capture(transformer, latent_size=(128, 128)) as store:
-        assert all(isinstance(transformer.attn_processors[f"{l}.processor"], FluxCaptureProcessor) for l in layers)
-        with torch.no_grad():
-            transformer(**args)
-    assert store.layers == layers
-    assert {store.layer_shape(l) for l in layers} == {(grid, grid)}
-    assert store.sums[layers[0]].shape == (1, grid, grid, 512)
-    assert all(p is before[k] for k, p in transformer.attn_processors.items())
+    check_meta_capture(transformer, layers, FluxCaptureProcessor, args, grid, 512, latent_size=(128, 128))
     assert FluxFamily(transformer).layer_sizes((128, 96))[layers[-1]] == (64, 48)
 
 

@@ -1,13 +1,11 @@
 """FLUX.2 joint attention: exact images, double- and single-stream maps on the patchified grid, words from the
 chat template, reweight, and the full FLUX.2 [klein] 4B transformer on the meta device."""
-import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_flux2_pipeline
+from conftest import check_meta_capture, meta_model, tiny_flux2_pipeline
 from crossattn_sd import capture, generate
 from crossattn_sd.families import Flux2Family, family_of
 from crossattn_sd.families.flux2 import Flux2CaptureProcessor, Flux2SingleCaptureProcessor
@@ -19,7 +17,6 @@ PROMPT = "a red circle on the left"
 WORDS = ["a", "red", "circle", "on", "the", "left"]
 TEXT_LENGTH = 16
 KW = dict(steps=2, guidance_scale=1.0, height=32, width=48, max_sequence_length=TEXT_LENGTH)
-CONFIGS = Path(__file__).parent / "configs"
 
 
 @pytest.fixture(scope="module")
@@ -148,30 +145,17 @@ def test_full_flux2_klein_4b_transformer_on_the_meta_device():
     """FLUX.2 [klein] 4B's published config, weights on the meta device: all 25 attention layers found (5
     double-, 20 single-stream), processors installed and restored, and a shapes-only forward at 1024 px yields
     maps on the 64 x 64 token grid."""
-    from accelerate import init_empty_weights
-    from diffusers import Flux2Transformer2DModel
-
-    config = json.loads((CONFIGS / "flux2_klein_4b_transformer.json").read_text())
-    with init_empty_weights():
-        transformer = Flux2Transformer2DModel.from_config(config)
+    transformer = meta_model("Flux2Transformer2DModel", "flux2_klein_4b_transformer.json")
     layers = cross_attention_layers(transformer)
     assert len(layers) == 5 + 20 and layers[0] == "transformer_blocks.0.attn"
     assert layers[-1] == "single_transformer_blocks.19.attn"
-    before = dict(transformer.attn_processors)
     meta = dict(device="meta")
     grid, text = 64, 512  # 1024 px / VAE factor 8 / 2x2 patches; the pipeline's max_sequence_length
     args = dict(hidden_states=torch.empty(1, grid * grid, 128, **meta),
                 encoder_hidden_states=torch.empty(1, text, 7680, **meta), timestep=torch.empty(1, **meta),
                 img_ids=torch.empty(1, grid * grid, 4, **meta), txt_ids=torch.empty(1, text, 4, **meta))
-    with capture(transformer, latent_size=(128, 128)) as store:
-        procs = [transformer.attn_processors[f"{l}.processor"] for l in layers]
-        assert [type(p) for p in procs] == [Flux2CaptureProcessor] * 5 + [Flux2SingleCaptureProcessor] * 20
-        with torch.no_grad():
-            transformer(**args)
-    assert store.layers == layers
-    assert {store.layer_shape(l) for l in layers} == {(grid, grid)}
-    assert store.sums[layers[0]].shape == (1, grid, grid, text)
-    assert all(p is before[k] for k, p in transformer.attn_processors.items())
+    check_meta_capture(transformer, layers, [Flux2CaptureProcessor] * 5 + [Flux2SingleCaptureProcessor] * 20,
+                       args, grid, text, latent_size=(128, 128))
     assert Flux2Family(transformer).layer_sizes((128, 96))[layers[-1]] == (64, 48)
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 
-from conftest import RaiseInsideForward
+from conftest import RaiseInsideForward, meta_model
 from crossattn_sd.maps import MapStore
 from crossattn_sd.processors import CaptureProcessor, capture, cross_attention_layers, install
 
@@ -207,18 +207,11 @@ def test_the_family_reads_and_sets_processors_as_diffusers_does(config):
     after one walk: the same keys, order and objects as Diffusers' `AttentionMixin.attn_processors` (also on
     Z-Image, which lacks the mixin), what Diffusers then reads back is what was set, and a dict that misses a
     layer or names one the model lacks is refused without setting anything."""
-    import json
-    from pathlib import Path
-
-    import diffusers
-    from accelerate import init_empty_weights
     from diffusers.models.attention import AttentionMixin
 
     from crossattn_sd.families import family_of
 
-    with init_empty_weights():
-        model = getattr(diffusers, FULL_SIZE[config]).from_config(
-            json.loads((Path(__file__).parent / "configs" / config).read_text()))
+    model = meta_model(FULL_SIZE[config], config)
     diffusers_read = AttentionMixin.attn_processors.fget  # the mixin's own walk
     family = family_of(model)
     ours, theirs = family.attn_processors(), diffusers_read(model)
@@ -238,3 +231,19 @@ def test_the_family_reads_and_sets_processors_as_diffusers_does(config):
     assert all(p is markers[k] for k, p in diffusers_read(model).items())  # nothing was set by the refusals
     family_of(model).set_attn_processor(ours)  # a fresh adapter walks for itself
     assert all(p is ours[k] for k, p in diffusers_read(model).items())
+
+
+def test_an_unsupported_model_is_refused_naming_every_supported_family():
+    """A pipeline whose denoiser no family handles: one line naming it, its denoiser and every family, in order."""
+    from crossattn_sd.families import FAMILIES
+
+    PixArtSigmaPipeline = type("PixArtSigmaPipeline", (), {})
+    fake = PixArtSigmaPipeline()
+    fake.transformer = torch.nn.Linear(2, 2)
+    with pytest.raises(ValueError) as refused:
+        capture(fake).__enter__()
+    message = str(refused.value)
+    assert "\n" not in message
+    assert message == ("crossattn-sd does not support PixArtSigmaPipeline (denoiser Linear); supported: "
+                       + "; ".join(f.description for f in FAMILIES))
+    assert message.count("; ") == len(FAMILIES) >= 8 and "ZImageTransformer2DModel (Z-Image)" in message

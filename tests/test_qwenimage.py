@@ -1,13 +1,12 @@
 """Qwen-Image (double-stream [text; image] attention, Qwen2.5-VL text behind a chat template whose first 34 tokens
 the pipeline drops, true CFG as a second transformer call): exact images, maps on the packed grid under the text
 mask, words after the dropped prefix, reweight, and the full Qwen-Image transformer on the meta device."""
-import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import check_meta_capture, meta_model
 from crossattn_sd import capture, generate
 from crossattn_sd.families import QwenImageFamily, family_of
 from crossattn_sd.families.qwenimage import QwenImageCaptureProcessor
@@ -18,7 +17,6 @@ from crossattn_sd.steering import ProcessorSpec
 PROMPT = "a red circle on the left"
 WORDS = ["a", "red", "circle", "on", "the", "left"]
 KW = dict(steps=2, guidance_scale=4.0, height=32, width=48)
-CONFIGS = Path(__file__).parent / "configs"
 # pieces that make the template's and the prompts' words one byte-level BPE token each, as Qwen2's vocabulary does
 TEMPLATE_WORDS = ["system", "user", "assistant", "Describe", " the", " image", " by", " detailing", " color", " shape",
                   " size", " texture", " quantity", " text", " spatial", " relationships", " of", " objects", " and",
@@ -188,36 +186,13 @@ def test_generate_words_maps_unknown_word_true_cfg_and_reweight(pipe):
 def test_full_qwenimage_transformer_on_the_meta_device():
     """Qwen-Image's transformer config (tests/configs/), weights on the meta device: all 60 joint layers found,
     processors installed and restored, and a shapes-only forward at 1024 px yields maps on the 64 x 64 grid."""
-    from accelerate import init_empty_weights
-    from diffusers import QwenImageTransformer2DModel
-
-    config = json.loads((CONFIGS / "qwen_image_transformer.json").read_text())
-    with init_empty_weights():
-        transformer = QwenImageTransformer2DModel.from_config(config)
+    transformer = meta_model("QwenImageTransformer2DModel", "qwen_image_transformer.json")
     layers = cross_attention_layers(transformer)
     assert layers == [f"transformer_blocks.{i}.attn" for i in range(60)]
-    before = dict(transformer.attn_processors)
     meta = dict(device="meta")
     grid, text = 64, 40  # 1024 px / VAE factor 8 / 2x2 packing; a 40-token prompt
     args = dict(hidden_states=torch.empty(1, grid * grid, 64, **meta),
                 encoder_hidden_states=torch.empty(1, text, 3584, **meta), timestep=torch.empty(1, **meta),
                 img_shapes=[[(1, grid, grid)]])
-    with capture(transformer, latent_size=(128, 128)) as store:
-        assert all(isinstance(transformer.attn_processors[f"{l}.processor"], QwenImageCaptureProcessor)
-                   for l in layers)
-        with torch.no_grad():
-            transformer(**args)
-    assert store.layers == layers
-    assert {store.layer_shape(l) for l in layers} == {(grid, grid)}
-    assert store.sums[layers[0]].shape == (1, grid, grid, text)
-    assert all(p is before[k] for k, p in transformer.attn_processors.items())
+    check_meta_capture(transformer, layers, QwenImageCaptureProcessor, args, grid, text, latent_size=(128, 128))
     assert QwenImageFamily(transformer).layer_sizes((128, 96))[layers[-1]] == (64, 48)
-
-
-def test_an_unsupported_family_is_named_with_the_supported_ones_qwenimage_among_them():
-    PixArtSigmaPipeline = type("PixArtSigmaPipeline", (), {})
-    fake = PixArtSigmaPipeline()
-    fake.transformer = torch.nn.Linear(2, 2)
-    with pytest.raises(ValueError, match=r"^crossattn-sd does not support PixArtSigmaPipeline \(denoiser Linear\); "
-                                         r"supported: .*QwenImageTransformer2DModel \(Qwen-Image\)"):
-        capture(fake).__enter__()

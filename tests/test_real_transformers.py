@@ -2,19 +2,16 @@
 supported family, and the full SD3.5 medium and large transformers (tests/configs/, typed from their
 `transformer/config.json`) built on the meta device have every joint layer found, the image-only `attn2` layers
 left alone, and a shapes-only forward pass at 1024 px that records maps on the 64 x 64 patch grid."""
-import json
-from pathlib import Path
 
 import pytest
 import torch
 
-from crossattn_sd import capture
+from conftest import check_meta_capture, meta_model
 from crossattn_sd.config import PRESET_FAMILIES, load_presets
 from crossattn_sd.families import FAMILIES
 from crossattn_sd.families.sd3 import JointCaptureProcessor
 from crossattn_sd.processors import cross_attention_layers
 
-CONFIGS = Path(__file__).parent / "configs"
 FAMILY_OF_PRESET = {"sd": "unet", "sdxl": "unet", "sd3": "sd3", "flux": "flux", "flux2": "flux2",
                     "chroma": "chroma", "sana": "sana", "qwenimage": "qwenimage",
                     "zimage": "zimage"}
@@ -52,29 +49,16 @@ def test_every_preset_loads_and_names_a_supported_family():
     ("sd35_large_transformer.json", 38, 0, 38),
 ])
 def test_full_sd35_transformer_on_the_meta_device(config, num_layers, dual, heads):
-    from accelerate import init_empty_weights
-    from diffusers import SD3Transformer2DModel
-
-    with init_empty_weights(include_buffers=True):  # the positional table too (a buffer made on the CPU)
-        transformer = SD3Transformer2DModel.from_config(json.loads((CONFIGS / config).read_text()))
+    transformer = meta_model("SD3Transformer2DModel", config, include_buffers=True)  # the positional table too
     layers = cross_attention_layers(transformer)
     assert layers == [f"transformer_blocks.{i}.attn" for i in range(num_layers)]
     assert transformer.transformer_blocks[0].attn.heads == heads
     image_only = [k for k in transformer.attn_processors if ".attn2." in k]
     assert len(image_only) == dual
-    before = dict(transformer.attn_processors)
     meta = dict(device="meta")
     latent, grid, text = 128, 64, 77 + 256  # 1024 px / VAE factor 8; patch 2; CLIP's 77 then T5's 256
     args = dict(hidden_states=torch.empty(1, 16, latent, latent, **meta),
                 encoder_hidden_states=torch.empty(1, text, 4096, **meta),
                 pooled_projections=torch.empty(1, 2048, **meta), timestep=torch.empty(1, **meta))
-    with capture(transformer) as store:
-        inside = transformer.attn_processors
-        assert all(isinstance(inside[f"{l}.processor"], JointCaptureProcessor) for l in layers)
-        assert all(inside[k] is before[k] for k in image_only)  # the image-only attention sees no text
-        with torch.no_grad():
-            transformer(**args)
-    assert store.layers == layers
-    assert {store.layer_shape(l) for l in layers} == {(grid, grid)}
-    assert store.sums[layers[0]].shape == (1, grid, grid, text)
-    assert all(p is before[k] for k, p in transformer.attn_processors.items())
+    # the image-only attention (SD3.5 Medium's attn2) sees no text and keeps its processor
+    check_meta_capture(transformer, layers, JointCaptureProcessor, args, grid, text, untouched=image_only)

@@ -1,14 +1,12 @@
 """Sana (linear self-attention, real cross-attention `attn2` with a padding mask, Gemma 2 text behind a long
 instruction): exact images, maps on the patch grid under the mask, words among the kept text positions, reweight,
 edit, and the full Sana 1.6B transformer on the meta device."""
-import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import WHOLE_WORDS
+from conftest import WHOLE_WORDS, check_meta_capture, meta_model
 from crossattn_sd import capture, generate
 from crossattn_sd.families import SanaFamily, family_of
 from crossattn_sd.families.sana import SanaCaptureProcessor
@@ -20,7 +18,6 @@ PROMPT = "a red circle on the left"
 WORDS = ["a", "red", "circle", "on", "the", "left"]
 TEXT_LENGTH = 16
 KW = dict(steps=2, guidance_scale=4.5, height=32, width=64, max_sequence_length=TEXT_LENGTH)
-CONFIGS = Path(__file__).parent / "configs"
 
 
 def tiny_gemma_tokenizer():
@@ -177,35 +174,14 @@ def test_full_sana_1600m_transformer_on_the_meta_device():
     """Sana 1.6B 1024 px's transformer config (tests/configs/), weights on the meta device: its 20 cross-attention
     layers found (the 20 linear self-attention layers left alone), processors installed and restored, and a
     shapes-only forward at 1024 px (DC-AE factor 32) yields maps on the 32 x 32 token grid."""
-    from accelerate import init_empty_weights
-    from diffusers import SanaTransformer2DModel
-
-    config = json.loads((CONFIGS / "sana_1600m_1024px_transformer.json").read_text())
-    with init_empty_weights():
-        transformer = SanaTransformer2DModel.from_config(config)
+    transformer = meta_model("SanaTransformer2DModel", "sana_1600m_1024px_transformer.json")
     layers = cross_attention_layers(transformer)
     assert layers == [f"transformer_blocks.{i}.attn2" for i in range(20)]
-    before = dict(transformer.attn_processors)
     meta = dict(device="meta")
     grid, text = 32, 300  # 1024 px / DC-AE factor 32, patch 1; the pipeline's max_sequence_length
     args = dict(hidden_states=torch.empty(1, 32, grid, grid, **meta),
                 encoder_hidden_states=torch.empty(1, text, 2304, **meta), timestep=torch.empty(1, **meta),
                 encoder_attention_mask=torch.empty(1, text, **meta))
-    with capture(transformer) as store:
-        assert all(isinstance(transformer.attn_processors[f"{l}.processor"], SanaCaptureProcessor) for l in layers)
-        with torch.no_grad():
-            transformer(**args)
-    assert store.layers == layers
-    assert {store.layer_shape(l) for l in layers} == {(grid, grid)}
-    assert store.sums[layers[0]].shape == (1, grid, grid, text)
-    assert all(p is before[k] for k, p in transformer.attn_processors.items())
+    check_meta_capture(transformer, layers, SanaCaptureProcessor, args, grid, text,
+                       untouched=[f"transformer_blocks.{i}.attn1.processor" for i in range(20)])
     assert SanaFamily(transformer).layer_sizes((32, 24))[layers[-1]] == (32, 24)
-
-
-def test_an_unsupported_family_is_named_with_the_supported_ones_sana_among_them():
-    PixArtSigmaPipeline = type("PixArtSigmaPipeline", (), {})
-    fake = PixArtSigmaPipeline()
-    fake.transformer = torch.nn.Linear(2, 2)
-    with pytest.raises(ValueError, match=r"^crossattn-sd does not support PixArtSigmaPipeline \(denoiser Linear\); "
-                                         r"supported: .*SanaTransformer2DModel \(Sana\)"):
-        capture(fake).__enter__()

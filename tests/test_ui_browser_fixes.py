@@ -7,7 +7,6 @@ appeared: the UI says what it draws, and why it cannot draw something, in place 
 
 import dataclasses
 import re
-from pathlib import Path
 
 import pytest
 from conftest import CHROMIUM, CHROMIUM_ARGS, require_chromium, serve_app, tiny_sd_pipeline

@@ -2,14 +2,12 @@
 see only one side, guidance batched as [conditional, unconditional], no `attn_processors` on the model): exact
 images, maps on the patch grid under the batch's mask, words among the caption's positions, reweight, and the
 full Z-Image transformer on the meta device."""
-import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import CHAT_TEMPLATE
+from conftest import CHAT_TEMPLATE, check_meta_capture, meta_model
 from crossattn_sd import capture, generate
 from crossattn_sd.families import ZImageFamily, family_of
 from crossattn_sd.families.zimage import ZImageCaptureProcessor
@@ -22,7 +20,6 @@ PROMPT = "a red circle on the left"
 WORDS = ["a", "red", "circle", "on", "the", "left"]
 TEXT_LENGTH = 16
 KW = dict(steps=2, guidance_scale=3.0, height=32, width=48, max_sequence_length=TEXT_LENGTH)
-CONFIGS = Path(__file__).parent / "configs"
 
 
 def tiny_zimage_pipeline(seed: int = 0):
@@ -159,35 +156,14 @@ def test_full_zimage_turbo_transformer_on_the_meta_device():
     """Z-Image-Turbo's transformer config (tests/configs/), weights on the meta device: its 30 main layers found (the
     refiners left alone), processors installed and restored, and a shapes-only forward at 1024 px yields maps on
     the 64 x 64 grid."""
-    from accelerate import init_empty_weights
-    from diffusers import ZImageTransformer2DModel
-
-    config = json.loads((CONFIGS / "z_image_turbo_transformer.json").read_text())
-    with init_empty_weights():
-        transformer = ZImageTransformer2DModel.from_config(config)
-    family = ZImageFamily(transformer)
+    transformer = meta_model("ZImageTransformer2DModel", "z_image_turbo_transformer.json")
     layers = cross_attention_layers(transformer)
     assert layers == [f"layers.{i}.attention" for i in range(30)]
-    before = dict(family.attn_processors())
     meta = dict(device="meta")
     latent, text = 128, 40  # 1024 px / VAE factor 8; a 40-token caption (padded to 64)
     args = dict(x=[torch.empty(16, 1, latent, latent, **meta)], t=torch.empty(1, **meta),
                 cap_feats=[torch.empty(text, 2560, **meta)])
-    with capture(transformer) as store:
-        assert isinstance(transformer.layers[0].attention.get_processor(), ZImageCaptureProcessor)
-        with torch.no_grad():
-            transformer(**args)
-    assert store.layers == layers
-    assert {store.layer_shape(l) for l in layers} == {(64, 64)}
-    assert store.sums[layers[0]].shape == (1, 64, 64, 64)
-    assert all(p is before[k] for k, p in family.attn_processors().items())
-    assert family.layer_sizes((128, 96))[layers[-1]] == (64, 48)
-
-
-def test_an_unsupported_family_is_named_with_the_supported_ones_zimage_among_them():
-    PixArtSigmaPipeline = type("PixArtSigmaPipeline", (), {})
-    fake = PixArtSigmaPipeline()
-    fake.transformer = torch.nn.Linear(2, 2)
-    with pytest.raises(ValueError, match=r"^crossattn-sd does not support PixArtSigmaPipeline \(denoiser Linear\); "
-                                         r"supported: .*ZImageTransformer2DModel \(Z-Image\)"):
-        capture(fake).__enter__()
+    refiners = [f"{n}.processor" for n, m in transformer.named_modules() if "refiner" in n and n.endswith(".attention")]
+    assert refiners
+    check_meta_capture(transformer, layers, ZImageCaptureProcessor, args, 64, 64, untouched=refiners)
+    assert ZImageFamily(transformer).layer_sizes((128, 96))[layers[-1]] == (64, 48)
