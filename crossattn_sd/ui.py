@@ -1,7 +1,7 @@
 """The web UI: `build_demo(service)` lays out components and wires events; `serve(...)` runs it.
 
-With its tab modules (`ui_inspect.py`: Inspect an image; `ui_mechanisms.py`: Mechanisms) and `ui_components.py`, the
-only modules that import Gradio. The work is done by
+With its tab modules (`ui_inspect.py`: the Inspect tab, an image you already have; `ui_mechanisms.py`:
+Mechanisms) and `ui_components.py`, the only modules that import Gradio. The work is done by
 `service.AttentionService` (and `mechanisms.Mechanisms` for that tab); `Handlers` only turns
 component values into the service's arguments and its results into component values, and turns the service's
 `ValueError`s into `gr.Error` messages. Generation (the shared pipeline) runs one at a time (the queue's
@@ -68,6 +68,9 @@ CSS = """
   overflow-wrap: anywhere; font-size: 0.75em; line-height: 1.2; }
 #history .grid-container { grid-template-columns: repeat(4, minmax(100px, 1fr)) !important; }
 #title h1 { margin-bottom: 0; }
+/* The result column's seven tabs: Gradio folds the ones that do not fit into a "..." menu, where the last two
+   (Inspect, Mechanisms) went unseen below ~1500 px; tighter padding fits all seven from ~1000 px. */
+#result-tabs button[role=tab] { padding-left: 8px; padding-right: 8px; }
 #colorbar .bar { height: 12px; border-radius: 3px; }
 #colorbar .ends { display: flex; justify-content: space-between; font-size: 0.8em; opacity: 0.8; }
 """
@@ -585,7 +588,7 @@ def build_demo(service: AttentionService, mechanisms: Mechanisms | None = None) 
                 which = gr.Radio([], label="Maps of", visible=False, elem_id="which-image",
                                  info="an edit made two images: the chips and maps belong to the one chosen here")
                 word = gr.Radio([], label="Word", info="click a word of the prompt", elem_id="word-chips")
-                with gr.Tabs() as result_tabs:
+                with gr.Tabs(elem_id="result-tabs") as result_tabs:
                     with gr.Tab("Heat map", id="map") as map_tab:
                         with gr.Row():
                             other = gr.Image(label="Source image", visible=False, elem_id="other-image", **pixel)
@@ -621,7 +624,7 @@ def build_demo(service: AttentionService, mechanisms: Mechanisms | None = None) 
                             map_b = gr.Image(label="B: map", **pixel)
                             map_diff = gr.Image(label="B − A", **pixel)
                         cmp_note = gr.Markdown(elem_id="cmp-note")
-                    with gr.Tab("History & export") as history_tab:
+                    with gr.Tab("History") as history_tab:
                         with gr.Row(equal_height=True):
                             bundle = gr.File(label="Map bundle: image.png, maps.npz, meta.json, attention.safetensors",
                                              interactive=False, elem_id="bundle", scale=3)
@@ -632,7 +635,7 @@ def build_demo(service: AttentionService, mechanisms: Mechanisms | None = None) 
                         with gr.Accordion("Words and settings", open=False):
                             words = gr.JSON(label="Words")
                             settings = gr.JSON(label="Settings")
-                    with gr.Tab("Inspect an image", id="inspect") as inspect_tab_block:
+                    with gr.Tab("Inspect", id="inspect") as inspect_tab_block:
                         inspect_controls = inspect_tab(d)
                     with gr.Tab("Mechanisms", elem_id="mechanisms-tab") as mechanisms_tab_block:
                         mechanisms_tab(mechanisms or Mechanisms(), prompt, seed)

@@ -152,7 +152,7 @@ def test_picking_from_the_gallery_and_opening_a_bundle(page, service):
     seed1 = service.generate(GenerateRequest(PROMPT, seed=1))
     np.testing.assert_array_equal(shown(page, "#image"), np.asarray(seed1.image))
 
-    page.get_by_role("tab", name="History & export").click()
+    page.get_by_role("tab", name="History").click()
     thumbs = page.locator("#history .thumbnail-item")
     thumbs.nth(1).wait_for()
     assert thumbs.count() == 2

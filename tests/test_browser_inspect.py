@@ -42,7 +42,7 @@ def src(page, selector: str):
 def test_upload_inspect_pick_a_word_filter_and_export(page, service, tmp_path):
     path = tmp_path / "scene.png"
     Image.fromarray(render(SCENE)).resize((128, 128), Image.NEAREST).save(path)  # twice the model's size
-    page.get_by_role("tab", name="Inspect an image").click()
+    page.get_by_role("tab", name="Inspect").click()
     page.locator("#inspect-file input[type=file]").set_input_files(str(path))
     page.locator("#inspect-preview img").wait_for()
     page.locator("#inspect-prompt textarea").fill(CAPTION)
@@ -70,7 +70,7 @@ def test_upload_inspect_pick_a_word_filter_and_export(page, service, tmp_path):
     wait_changed(page, "#map", old)
     assert "8x8" in page.locator("#summary").inner_text()
 
-    page.get_by_role("tab", name="History & export").click()
+    page.get_by_role("tab", name="History").click()
     link = page.locator("#bundle a").first
     link.wait_for()
     data = page.request.get(link.get_attribute("href")).body()
@@ -83,7 +83,7 @@ def test_a_file_that_is_not_an_image_is_one_line_and_keeps_the_result(page, tmp_
     before = src(page, "#overlay")
     bad = tmp_path / "notes.png"
     bad.write_text("not an image")
-    page.get_by_role("tab", name="Inspect an image").click()
+    page.get_by_role("tab", name="Inspect").click()
     page.locator("#inspect-file").get_by_label("Clear").first.click()  # the earlier upload's file goes
     page.locator("#inspect-file input[type=file]").set_input_files(str(bad))
     message = page.get_by_text("the uploaded file is not an image this app can read")

@@ -91,6 +91,25 @@ def set_slider(page, elem_id: str, value: int):
     box.blur()
 
 
+RESULT_TABS = ["Heat map", "All words", "Timeline", "Compare", "History", "Inspect", "Mechanisms"]
+
+
+def test_every_result_tab_is_in_view_on_a_laptop_screen(browser, server):
+    """At 1280 px wide none of the result column's seven tabs is folded into Gradio's overflow menu (Inspect and
+    Mechanisms, the last two, were hidden there below ~1500 px)."""
+    from conftest import open_app
+
+    page = open_app(browser, server, {"width": 1280, "height": 800}, WAIT)
+    try:
+        tabs = page.locator("#result-tabs button[role=tab]")
+        tabs.first.wait_for()
+        assert [t.inner_text().strip() for t in tabs.all() if t.is_visible()] == RESULT_TABS
+        page.get_by_role("tab", name="Mechanisms").click()  # reachable without the menu
+        assert page.locator("#mechanisms-tab").is_visible()
+    finally:
+        page.close()
+
+
 def test_apply_to_layers_help_shows_its_stars(page):
     info = page.locator("#processor-layers .info-text")
     assert "every layer" in info.inner_text() and "'up_blocks.*'" in info.inner_text()
@@ -236,7 +255,7 @@ def test_an_edit_shows_both_images_and_the_chips_follow_the_image_on_show(page, 
     # A bundle opened later fills the settings it recorded, the prompt first.
     entry = service.generate(GenerateRequest(PROMPT, seed=7, steps=3, processor="edit", edit_prompt=EDIT, inject=0.5))
     page.reload()
-    page.get_by_role("tab", name="History & export").click()
+    page.get_by_role("tab", name="History").click()
     page.locator("input[type=file][accept='.zip']").set_input_files(str(entry.bundle))
     expect(page.locator("#prompt textarea")).to_have_value(PROMPT)
     expect(page.locator("#edit-prompt textarea")).to_have_value(EDIT)
@@ -256,10 +275,10 @@ def test_timeline_and_history_captions_are_whole_and_distinct(page):
         generate(page, prompt)
     page.get_by_role("tab", name="Timeline").click()
     expect(page.locator("#timeline img")).to_have_count(PRESET.steps)
-    page.get_by_role("tab", name="History & export").click()
+    page.get_by_role("tab", name="History").click()
     expect(page.locator("#history img")).to_have_count(2)
     for gallery, count in (("timeline", PRESET.steps), ("history", 2)):
-        page.get_by_role("tab", name="Timeline" if gallery == "timeline" else "History & export").click()
+        page.get_by_role("tab", name="Timeline" if gallery == "timeline" else "History").click()
         captions = page.locator(f"#{gallery} .caption-label")
         expect(captions).to_have_count(count)
         cut = captions.evaluate_all("els => els.filter(e => e.scrollWidth > e.clientWidth + 1 "
