@@ -61,8 +61,9 @@ def test_generate_click_a_word_and_stop(page, tmp_path):
     first = shown(page, "#overlay")
     page.screenshot(path=tmp_path / "generated.png", full_page=True)
 
+    old = overlay.get_attribute("src")  # read before the click: its redraw can land before a read after it
     chips.get_by_text("square", exact=True).click()
-    wait_changed(page, "#overlay", overlay.get_attribute("src"))
+    wait_changed(page, "#overlay", old)
     assert not np.array_equal(first, shown(page, "#overlay"))
 
     # The other tabs draw when selected: the all-words grid, the timeline's frames and its GIF.
