@@ -79,7 +79,8 @@ def text_attention(query: torch.Tensor, key: torch.Tensor, scale: float, mask: t
     start, stop = columns
     # Scores are laid out (keys, queries): the softmax then runs over a non-last axis with the queries
     # contiguous, which PyTorch's CPU kernel vectorises across (a softmax over a last axis of ~20 text tokens
-    # is mostly per-row overhead): ~20 % less time for a generation's maps. The scale goes on the (few) keys.
+    # is mostly per-row overhead): a generation's flush on the embedded model 9.2 -> 8.5 ms. The scale goes on
+    # the (few) keys.
     key = key * scale
     means, per_head = [], []
     for q0 in range(0, num_queries, rows):

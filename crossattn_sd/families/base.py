@@ -131,6 +131,7 @@ class Family:
     uniform_attention = False  # whether its processors run `Steering.uniform` (the `uniform` processor)
     batched_guidance = True  # classifier-free guidance runs [unconditional, conditional] as one batch
     latent_hint: tuple[int, int] | None = None  # the latent size `install` was given (or the native one)
+    _attention_layers: dict | None = None  # the last `attention_layers()` walk: key -> attention module
 
     def __init__(self, model):
         self.model = model
@@ -166,7 +167,7 @@ class Family:
         `set_attn_processor` takes them) through each layer's `set_processor`, on the layers the last
         `attn_processors()` read found: no walk (Diffusers' walks the model twice per call, ~2 ms on the
         embedded UNet's 342 modules, and `install` sets twice per generation). `processors` is not emptied."""
-        layers = getattr(self, "_attention_layers", None) or self.attention_layers()
+        layers = self._attention_layers or self.attention_layers()
         if processors.keys() != layers.keys():
             missing = sorted(set(layers) - set(processors)) or sorted(set(processors) - set(layers))
             raise ValueError(f"set_attn_processor needs one processor for each of the {len(layers)} attention "
@@ -178,10 +179,14 @@ class Family:
     def layers(self, processors: dict | None = None) -> list[str]:
         """The text-conditioned attention layers, in forward order (`attn_processors` order)."""
         processors = self.attn_processors() if processors is None else processors
-        modules = getattr(self, "_attention_layers", None) or {}
+        modules = self._attention_layers or {}
         names = [key.removesuffix(".processor") for key in processors]
-        return [n for n in names
-                if self.is_text_layer(n, modules.get(f"{n}.processor") or self.model.get_submodule(n))]
+        return [n for n in names if self.is_text_layer(n, self._module(modules, n))]
+
+    def _module(self, modules: dict, name: str) -> torch.nn.Module:
+        """Layer `name`'s module: from the last walk when it found it, else looked up."""
+        module = modules.get(f"{name}.processor")
+        return self.model.get_submodule(name) if module is None else module
 
     def token_grid(self, latent_hw: tuple[int, int], num_queries: int) -> tuple[int, int]:
         raise NotImplementedError
