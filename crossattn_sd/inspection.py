@@ -169,10 +169,14 @@ def _parse_resolution(text: str) -> int | tuple[int, int]:
 def layer_label(name: str, hw: tuple[int, int]) -> str:
     """"up_blocks.1.attentions.0.transformer_blocks.0.attn2" -> "up 1.0 · 8x8"; a transformer's joint block
     "transformer_blocks.3.attn" -> "joint 3 · 64x64", a single-stream one "single_transformer_blocks.12.attn" ->
-    "single 12 · 64x64"."""
-    joint = re.fullmatch(r"(single_)?transformer_blocks\.(\d+)\.attn", name)
-    if joint:
-        return f"{'single' if joint.group(1) else 'joint'} {joint.group(2)} · {hw[0]}x{hw[1]}"
+    "single 12 · 64x64", a cross-attention one "transformer_blocks.3.attn2" (Sana's; SD3.5's image-only attn2 sees
+    no text, so it has no maps to label) -> "cross 3 · 32x32", a unified-sequence one "layers.3.attention"
+    (Z-Image's) -> "layer 3 · 64x64"."""
+    block = re.fullmatch(r"(single_)?transformer_blocks\.(\d+)\.attn(2?)|layers\.(\d+)\.attention", name)
+    if block:
+        single, index, cross, unified = block.groups()
+        kind = "layer" if unified else "single" if single else "cross" if cross else "joint"
+        return f"{kind} {unified or index} · {hw[0]}x{hw[1]}"
     m = re.fullmatch(r"(down|mid|up)_blocks?(?:\.(\d+))?\.attentions\.(\d+)\.transformer_blocks\.(\d+)\.attn2", name)
     if not m:
         return f"{name} · {hw[0]}x{hw[1]}"
