@@ -8,9 +8,9 @@ plus one call that hands the attention to a `MapStore`.
 
 Processors are installed and restored only through Diffusers' public API: each attention layer's
 `get_processor` / `set_processor`, the calls `AttentionMixin.attn_processors` / `set_attn_processor` make, on the
-layers one walk over the model finds (`Family.attn_processors`; Diffusers' pair walks the model three times per
-set, ~1 % of a generation on the embedded model), every layer given; layers that see no text keep whatever
-processor they had.
+layers one walk over the model finds (`Family.attn_processors`; Diffusers' `set_attn_processor` walks the model
+twice per call and `install` sets twice, ~1 % of a generation on the embedded model), every layer given; layers
+that see no text keep whatever processor they had.
 """
 
 from __future__ import annotations

@@ -69,7 +69,8 @@ CSS = """
 #history .grid-container { grid-template-columns: repeat(4, minmax(100px, 1fr)) !important; }
 #title h1 { margin-bottom: 0; }
 /* The result column's seven tabs: Gradio folds the ones that do not fit into a "..." menu, where the last two
-   (Inspect, Mechanisms) went unseen below ~1500 px; tighter padding fits all seven from ~1000 px. */
+   (Inspect, Mechanisms) went unseen below ~1500 px; shorter labels and tighter padding fit all seven at 1280 px
+   (measured; at 1024 px two fold again). */
 #result-tabs button[role=tab] { padding-left: 8px; padding-right: 8px; }
 #colorbar .bar { height: 12px; border-radius: 3px; }
 #colorbar .ends { display: flex; justify-content: space-between; font-size: 0.8em; opacity: 0.8; }

@@ -9,7 +9,7 @@ import dataclasses
 import re
 
 import pytest
-from conftest import CHROMIUM, CHROMIUM_ARGS, require_chromium, serve_app, tiny_sd_pipeline
+from conftest import CHROMIUM, CHROMIUM_ARGS, open_app, require_chromium, serve_app, tiny_sd_pipeline
 
 from crossattn_sd.config import get_preset
 from crossattn_sd.service import AttentionService, GenerateRequest
@@ -97,8 +97,6 @@ RESULT_TABS = ["Heat map", "All words", "Timeline", "Compare", "History", "Inspe
 def test_every_result_tab_is_in_view_on_a_laptop_screen(browser, server):
     """At 1280 px wide none of the result column's seven tabs is folded into Gradio's overflow menu (Inspect and
     Mechanisms, the last two, were hidden there below ~1500 px)."""
-    from conftest import open_app
-
     page = open_app(browser, server, {"width": 1280, "height": 800}, WAIT)
     try:
         tabs = page.locator("#result-tabs button[role=tab]")
